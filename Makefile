@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create/refresh .venv, install, pre-train on the embedded digits, print k-NN
+#   make test   create/refresh .venv, install, run the test suite
+# Without a GPU the CPU build of torch is installed (TORCH=torch==2.13.0); with one, the
+# CUDA build from the default index. Override: make test TORCH="torch==2.11.0".
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes || echo no)
+
+ifeq ($(HAS_GPU),yes)
+TORCH ?= torch
+EXTRAS ?= dev,gpu
+else
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev,dali
+endif
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: setup.py Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (gpu: $(HAS_GPU), torch: $(TORCH))"
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[$(EXTRAS)]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m ibot_fast.cli demo
+
+# pytest exits 5 when it collected nothing: that is a failure here, never a pass.
+test: install
+	@$(PY) -m pytest tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: install
+	$(PY) -m benchmarks.bench_train --smoke
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs

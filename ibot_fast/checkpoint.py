@@ -1,0 +1,69 @@
+"""Checkpoints: written atomically, checked against the config before loading.
+
+A checkpoint holds student, teacher, optimizer, loss centers, grad scaler, epoch,
+iteration, the resolved config, every process's RNG states and the run's counters.
+"""
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import UserError
+
+# Keys that fix the shapes of the parameters: a checkpoint loads only where they agree.
+ARCH_KEYS = ("model.arch", "model.patch_size", "model.out_dim", "model.patch_out_dim",
+             "model.shared_head", "model.head_hidden_dim", "model.head_bottleneck_dim",
+             "model.head_layers", "data.global_size")
+
+
+def save(path, state: dict) -> Path:
+    """torch.save to a temporary file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load(path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def check_compatible(ckpt: dict, cfg_dict: dict, path="checkpoint") -> None:
+    """One-line error when the checkpoint was written for another architecture."""
+    saved = ckpt.get("config")
+    if saved is None:
+        raise UserError(f"{path} has no config: it was not written by ibot_fast")
+    diffs = []
+    for key in ARCH_KEYS:
+        section, name = key.split(".")
+        a, b = saved.get(section, {}).get(name), cfg_dict[section][name]
+        if a != b and not (isinstance(a, (list, tuple)) and tuple(a) == tuple(b)):
+            diffs.append(f"{key}={a} (checkpoint) vs {b} (this run)")
+    if diffs:
+        raise UserError(f"{path} was written for another model: " + "; ".join(diffs))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

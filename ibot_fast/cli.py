@@ -1,0 +1,127 @@
+"""The `ibot-fast` command.
+
+    ibot-fast train [--preset P] [--data PATH] [--output-dir DIR] [--resume] [key=value ...]
+    torchrun --nproc_per_node=8 -m ibot_fast.train --preset vit_small_16_paper --data PATH
+    ibot-fast knn --checkpoint runs/demo/checkpoint.pth [--which teacher|student]
+    ibot-fast demo                 pre-train on the embedded digits, then k-NN vs random init
+    ibot-fast keys [--preset P]    every config key with its value
+    ibot-fast bench [args]         benchmarks.bench_train (from a source checkout)
+
+Errors a user can cause print one line (`ibot-fast: error: ...`) and exit with status 2.
+"""
+import argparse
+import sys
+import time
+
+from . import UserError
+
+
+def cmd_train(argv):
+    from .train import main as train_main
+
+    return train_main(argv)
+
+
+def cmd_knn(argv):
+    p = argparse.ArgumentParser("ibot-fast knn", description="weighted k-NN on frozen "
+                                "backbone features (teacher CLS, T=0.07)")
+    p.add_argument("--checkpoint", help="ibot_fast checkpoint (omit with --random-init)")
+    p.add_argument("--which", default="teacher", choices=("teacher", "student"))
+    p.add_argument("--random-init", action="store_true",
+                   help="evaluate a randomly initialised network of the same architecture")
+    p.add_argument("--preset", default=None, help="with --random-init and no checkpoint")
+    p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    import torch
+
+    from .config import apply_overrides, build_config
+    from .eval.knn import format_results, knn_eval_backbone, load_backbone, random_init_backbone
+
+    if args.checkpoint:
+        cfg, backbone = load_backbone(args.checkpoint, args.which)
+    elif args.random_init:
+        cfg, backbone = build_config(args.preset or "demo"), None
+    else:
+        raise UserError("knn needs --checkpoint PATH (or --random-init)")
+    overrides = list(args.overrides)
+    if args.data:
+        overrides += ["data.source=folder", f"data.path={args.data}"]
+    apply_overrides(cfg, overrides)
+    if args.random_init:
+        backbone = random_init_backbone(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = knn_eval_backbone(cfg, backbone.to(device), device)
+    what = "random init" if args.random_init else f"{args.which} of {args.checkpoint}"
+    print(f"k-NN top-1 ({what}): {format_results(results)}")
+    return 0
+
+
+def cmd_demo(argv):
+    p = argparse.ArgumentParser("ibot-fast demo", description="pre-train the demo ViT on "
+                                "the embedded digits, then compare k-NN with random init")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    import torch
+
+    from .config import build_config
+    from .eval.knn import format_results, knn_eval_backbone, random_init_backbone
+    from .train import Trainer
+
+    cfg = build_config("demo", [f"train.output_dir={args.output_dir}"] + args.overrides)
+    device = torch.device("cpu") if cfg.train.device == "cpu" or not torch.cuda.is_available() \
+        else torch.device("cuda")
+    start = time.time()
+    random_acc = knn_eval_backbone(cfg, random_init_backbone(cfg).to(device), device)
+    trainer = Trainer(cfg, resume=None)
+    trainer.run()
+    trained_acc = knn_eval_backbone(cfg, trainer.teacher.backbone, device)
+    minutes = (time.time() - start) / 60
+    print()
+    print(f"digits k-NN top-1 on the 360 held-out images ({minutes:.1f} min, {device}):")
+    print(f"  random init       {format_results(random_acc)}")
+    print(f"  iBOT teacher      {format_results(trained_acc)}")
+    print(f"checkpoint: {args.output_dir}/checkpoint.pth   log: {args.output_dir}/log.jsonl")
+    return 0
+
+
+def cmd_keys(argv):
+    p = argparse.ArgumentParser("ibot-fast keys")
+    p.add_argument("--preset", default=None)
+    args = p.parse_args(argv)
+    from .config import all_keys, build_config, get_key
+
+    cfg = build_config(args.preset)
+    for key in all_keys(cfg):
+        print(f"{key}={get_key(cfg, key)}")
+    return 0
+
+
+def cmd_bench(argv):
+    try:
+        from benchmarks.bench_train import main as bench_main
+    except ImportError:
+        raise UserError("ibot-fast bench runs from a source checkout (the benchmarks/ "
+                        "folder): cd into the repository first") from None
+    return bench_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "knn": cmd_knn, "demo": cmd_demo, "keys": cmd_keys,
+            "bench": cmd_bench}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:]) or 0
+    except UserError as e:
+        print(f"ibot-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Every configuration key, with its default and a one-line comment.
+
+The tree is `Config(model, data, masks, loss, optim, train, eval)`. Defaults follow the
+official iBOT arguments (`main_ibot.py`) where they exist. Paper recipes are small named
+presets (`PRESETS`), applied on top of the defaults; command-line overrides are dotted
+keys applied last:
+
+    ibot-fast train --preset vit_small_16_paper --data /data/imagenet/train \\
+        train.batch_size=64 optim.lr=0.0005 data.n_local=8
+
+Derived values (the lr scaled by the global batch) are computed in one place,
+`derived(cfg, world_size)`, and the resolved config is written next to the checkpoints.
+"""
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Tuple
+
+from . import UserError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small"  # vit_demo | vit_small | vit_base | vit_large (see models/vit.py)
+    patch_size: int = 16  # patch side in pixels
+    drop_path_rate: float = 0.1  # student stochastic depth: linspace(0, rate, depth)
+    efficient_drop_path: bool = False  # skip the dropped samples' residual branch (DINOv2)
+    attention: str = "auto"  # auto | xformers | sdpa | math
+    pack_crops: bool = False  # student: global + local crops in one packed pass
+    out_dim: int = 8192  # K: prototypes of the CLS head (last_layer)
+    patch_out_dim: int = 8192  # K2: prototypes of the patch head (last_layer2)
+    shared_head: bool = True  # last_layer2 is last_layer (student and teacher)
+    norm_last_layer: bool = False  # freeze the weight-norm scale g = 1 of the last layer(s)
+    head_hidden_dim: int = 2048  # head MLP width
+    head_bottleneck_dim: int = 256  # head MLP output, L2-normalised, input of the last layer
+    head_layers: int = 3  # head MLP depth
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits (embedded) | folder (ImageFolder at data.path) | synthetic
+    path: str = ""  # ImageFolder root (class sub-folders; labels used only by evaluation)
+    pipeline: str = "cpu"  # cpu | dali | auto (auto = DALI when installed and a GPU is present)
+    global_size: int = 224  # global crop side (px)
+    local_size: int = 96  # local crop side (px)
+    n_local: int = 10  # local crops per image (0 works)
+    global_scale: Tuple[float, float] = (0.14, 1.0)  # RandomResizedCrop area range, global
+    local_scale: Tuple[float, float] = (0.05, 0.4)  # RandomResizedCrop area range, local
+    num_workers: int = 8  # DataLoader worker processes (cpu pipeline) / DALI threads
+    prefetch: int = 2  # batches prefetched per worker (cpu) / queue depth (dali)
+    synthetic_size: int = 4096  # images in the synthetic source
+    max_bad_fraction: float = 0.01  # abort when more than this fraction of reads failed
+
+
+@dataclass
+class MaskConfig:
+    enabled: bool = True  # masked image modelling (iBOT); false gives DINO's loss only
+    sampler: str = "iid"  # iid (official, per crop) | stratified (fixed count per batch)
+    pred_ratio: Tuple[float, ...] = (0.0, 0.3)  # centres of the ratio choices (official flag)
+    pred_ratio_var: Tuple[float, ...] = (0.0, 0.2)  # half-widths of the ratio choices
+    pred_start_epoch: int = 0  # no masking before this epoch
+    pred_aspect: float = 0.3  # block aspect ratio is log-uniform in (a, 1/a)
+    max_masked_fraction: float = 0.5  # iid sampler: masked-token buffer bound (see masking.py)
+
+
+@dataclass
+class LossConfig:
+    student_temp: float = 0.1  # ts
+    warmup_teacher_temp: float = 0.04  # CLS teacher temperature at epoch 0
+    teacher_temp: float = 0.04  # CLS teacher temperature after warm-up
+    warmup_teacher_patch_temp: float = 0.04  # patch teacher temperature at epoch 0
+    teacher_patch_temp: float = 0.07  # patch teacher temperature after warm-up
+    warmup_teacher_temp_epochs: int = 30  # linear warm-up of both teacher temperatures
+    center_momentum: float = 0.9  # CLS center EMA
+    center_momentum2: float = 0.9  # patch center EMA
+    lambda1: float = 1.0  # weight of the CLS (DINO) term
+    lambda2: float = 1.0  # weight of the patch (MIM) term
+    center2_from: str = "all"  # all (official: teacher head on all patches) | masked (DINOv2)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw (torch) | apex_adamw | apex_lamb (apex must be installed)
+    lr: float = 5e-4  # peak lr for a global batch of 256 (scaled linearly)
+    min_lr: float = 1e-6  # final lr of the cosine schedule
+    warmup_epochs: int = 10  # linear lr warm-up from 0
+    betas: Tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    weight_decay: float = 0.04  # initial weight decay (cosine schedule)
+    weight_decay_end: float = 0.4  # final weight decay
+    clip_grad: float = 3.0  # max gradient norm; 0 disables clipping
+    clip_mode: str = "global"  # global (one norm over all parameters) | per_param (official)
+    freeze_last_layer: int = 1  # epochs during which the last layer's gradients are dropped
+    momentum_teacher: float = 0.996  # teacher EMA momentum, cosine to 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100  # length of the schedules
+    batch_size: int = 128  # images per process (global batch = batch_size x world size)
+    impl: str = "reference"  # reference (official semantics, eager) | fast (fused kernels)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    seed: int = 0  # all randomness (data, masks, init) derives from it
+    output_dir: str = "runs/ibot"  # checkpoints, config.json, log.jsonl
+    save_every: int = 1  # write checkpoint.pth every N epochs (and checkpointNNNN.pth)
+    keep_every: int = 0  # also keep checkpoint{epoch:04d}.pth every N epochs; 0 = never
+    log_every: int = 10  # JSON log line (and the only host syncs) every N iterations
+    max_nonfinite: int = 5  # abort after this many non-finite losses in a row
+    stop_at_iter: int = 0  # stop (with a checkpoint) after this global iteration; 0 = never
+    compile: bool = False  # torch.compile the student and teacher
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class EvalConfig:
+    knn_k: Tuple[int, ...] = (10, 20, 100, 200)  # neighbours
+    knn_temp: float = 0.07  # vote weight exp(sim / T)
+    knn_every: int = 0  # k-NN on the held-out split every N epochs during training; 0 = off
+    batch_size: int = 256  # feature extraction batch
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Paper recipes (DESIGN.md §1.5) as small diffs on the defaults. The paper's global batch
+# of 1024 is 8 processes x 128 (or 16 x 64); lr is scaled by the actual global batch.
+_PAPER = {
+    "loss.teacher_temp": 0.07,
+    "model.norm_last_layer": False,
+    "model.shared_head": True,
+    "model.out_dim": 8192,
+    "model.patch_out_dim": 8192,
+    "data.n_local": 10,
+    "data.global_scale": (0.25, 1.0),
+    "data.local_scale": (0.05, 0.25),
+    "data.source": "folder",
+    "train.batch_size": 128,
+    "train.impl": "fast",
+}
+
+PRESETS = {
+    # CPU, embedded digits (32 px renders of sklearn's 8x8 digits), a few minutes on 2 cores.
+    # A 4 px patch gives an 8x8 grid for global crops and 4x4 for 16 px local crops.
+    "demo": {
+        "model.arch": "vit_demo",
+        "model.patch_size": 4,
+        "model.drop_path_rate": 0.1,
+        "model.out_dim": 1024,
+        "model.patch_out_dim": 1024,
+        "model.head_hidden_dim": 512,
+        "model.head_bottleneck_dim": 128,
+        "model.norm_last_layer": False,
+        "data.source": "digits",
+        "data.global_size": 32,
+        "data.local_size": 16,
+        "data.n_local": 4,
+        "data.global_scale": (0.25, 1.0),
+        "data.local_scale": (0.05, 0.25),
+        "data.num_workers": 2,
+        "loss.teacher_temp": 0.07,
+        "loss.warmup_teacher_temp_epochs": 5,
+        "optim.lr": 1e-3,
+        "optim.warmup_epochs": 2,
+        "optim.momentum_teacher": 0.99,
+        "train.epochs": 12,
+        "train.batch_size": 64,
+        "train.output_dir": "runs/demo",
+        "train.log_every": 5,
+    },
+    "vit_small_16_paper": {**_PAPER, "model.arch": "vit_small", "train.epochs": 800},
+    "vit_base_16_paper": {**_PAPER, "model.arch": "vit_base", "train.epochs": 400},
+    "vit_large_16_paper": {**_PAPER, "model.arch": "vit_large", "train.epochs": 250,
+                           "train.batch_size": 64},
+}
+
+
+def all_keys(cfg: Config = None):
+    """Every dotted key of the tree, in declaration order."""
+    cfg = cfg or Config()
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
+            for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def _unknown_key(key: str) -> UserError:
+    close = difflib.get_close_matches(key, all_keys(), n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; `ibot-fast keys` lists them"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _parse_value(text: str, default):
+    """Parse a command-line value to the type of the key's default."""
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got '{text}'")
+    if isinstance(default, tuple):
+        parts = [p for p in text.strip().strip("[]()").replace(",", " ").split() if p]
+        kind = type(default[0]) if default else float
+        return tuple(kind(p) for p in parts)
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    return text
+
+
+def set_key(cfg: Config, key: str, value) -> None:
+    """Set one dotted key; strings are parsed to the default's type."""
+    section, _, name = key.partition(".")
+    sub = getattr(cfg, section, None)
+    if sub is None or not dataclasses.is_dataclass(sub) or name not in {
+            f.name for f in dataclasses.fields(sub)}:
+        raise _unknown_key(key)
+    default = getattr(sub, name)
+    if isinstance(value, str) and not isinstance(default, str):
+        try:
+            value = _parse_value(value, default)
+        except ValueError as e:
+            raise UserError(f"bad value for {key}: {e}") from None
+    if isinstance(default, tuple):
+        value = tuple(value)
+    setattr(sub, name, value)
+
+
+def apply_overrides(cfg: Config, overrides) -> Config:
+    """Apply `key=value` strings (or a dict) in order."""
+    items = overrides.items() if isinstance(overrides, dict) else overrides
+    for item in items:
+        if isinstance(item, str):
+            if "=" not in item:
+                raise UserError(f"override '{item}' is not of the form key=value")
+            key, value = item.split("=", 1)
+        else:
+            key, value = item
+        set_key(cfg, key.strip(), value)
+    return cfg
+
+
+def build_config(preset: str = None, overrides=()) -> Config:
+    """Defaults, then the preset's diff, then the overrides; validated."""
+    cfg = Config()
+    if preset:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+        apply_overrides(cfg, PRESETS[preset])
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "model.arch": ("vit_demo", "vit_small", "vit_base", "vit_large"),
+    "model.attention": ("auto", "xformers", "sdpa", "math"),
+    "data.source": ("digits", "folder", "synthetic"),
+    "data.pipeline": ("cpu", "dali", "auto"),
+    "masks.sampler": ("iid", "stratified"),
+    "loss.center2_from": ("all", "masked"),
+    "optim.name": ("adamw", "apex_adamw", "apex_lamb"),
+    "optim.clip_mode": ("global", "per_param"),
+    "train.impl": ("reference", "fast"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def get_key(cfg: Config, key: str):
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: Config) -> None:
+    """One-line errors for values that cannot work."""
+    for key, choices in _CHOICES.items():
+        if get_key(cfg, key) not in choices:
+            raise UserError(f"{key}={get_key(cfg, key)!r} is not one of {', '.join(choices)}")
+    for size_key in ("data.global_size", "data.local_size"):
+        if get_key(cfg, size_key) % cfg.model.patch_size:
+            raise UserError(f"{size_key}={get_key(cfg, size_key)} is not a multiple of "
+                            f"model.patch_size={cfg.model.patch_size}")
+    if len(cfg.masks.pred_ratio) != len(cfg.masks.pred_ratio_var):
+        raise UserError("masks.pred_ratio and masks.pred_ratio_var need the same length")
+    for r, v in zip(cfg.masks.pred_ratio, cfg.masks.pred_ratio_var):
+        if not 0 <= r - v <= r + v <= 1:
+            raise UserError(f"mask ratio {r} +- {v} leaves [0, 1]")
+    if cfg.data.source == "folder" and not cfg.data.path:
+        raise UserError("data.source=folder needs a path: pass --data PATH (an ImageFolder tree)")
+    if cfg.data.n_local < 0 or cfg.train.batch_size < 1 or cfg.train.epochs < 1:
+        raise UserError("data.n_local must be >= 0, train.batch_size and train.epochs >= 1")
+
+
+def derived(cfg: Config, world_size: int = 1) -> dict:
+    """Values computed from the config: the one place where lr scaling happens."""
+    global_batch = cfg.train.batch_size * world_size
+    grid = cfg.data.global_size // cfg.model.patch_size
+    local_grid = cfg.data.local_size // cfg.model.patch_size
+    return {
+        "world_size": world_size,
+        "global_batch": global_batch,
+        "lr": cfg.optim.lr * global_batch / 256.0,
+        "grid": (grid, grid),
+        "n_patches": grid * grid,
+        "n_local_patches": local_grid * local_grid,
+    }
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a checkpoint); unknown keys are errors."""
+    cfg = Config()
+    for section, values in d.items():
+        for name, value in values.items():
+            set_key(cfg, f"{section}.{name}", tuple(value) if isinstance(value, list) else value)
+    return cfg
+
+
+def dumps(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=2)

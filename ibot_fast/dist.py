@@ -1,0 +1,65 @@
+"""torch.distributed set-up for torchrun (NCCL on GPUs, gloo on the CPU). No launcher here.
+
+Single process: nothing is initialised and every helper degrades to the trivial answer.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init(device_pref: str = "auto"):
+    """Initialise from torchrun's environment. Returns (rank, world_size, device)."""
+    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        from . import UserError
+        raise UserError("train.device=cuda but no CUDA GPU is visible")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, world_size, device
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier():
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    if is_initialized():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_object(obj):
+    if not is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def destroy():
+    if is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,138 @@
+"""Weighted k-NN classification on frozen features (DESIGN.md §1.6), as in DINO/iBOT.
+
+Features: the backbone's CLS token after the final norm, images resized to 256/224 of
+the crop size and centre-cropped (224 px for ImageNet, 32 px for the digits), then
+L2-normalised. Each test image takes its k most cosine-similar training images; their
+votes are weighted by exp(sim / T) (T = 0.07), and the class with most weight wins.
+"""
+import logging
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .. import UserError
+from ..data.cpu import to_tensor
+from ..data.datasets import BadImage, build_dataset
+
+log = logging.getLogger(__name__)
+
+
+def eval_transform(img, size: int):
+    """Resize the shorter side to size * 256 / 224 (bicubic), centre-crop size x size."""
+    resize = int(round(size * 256 / 224))
+    w, h = img.size
+    scale = resize / min(w, h)
+    img = img.resize((max(resize, round(w * scale)), max(resize, round(h * scale))),
+                     Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return to_tensor(img.crop((left, top, left + size, top + size)))
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """(tensor, label) pairs; an unreadable image yields None and is dropped."""
+
+    def __init__(self, source, size: int):
+        self.source, self.size = source, size
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        try:
+            img, label = self.source.load(i)
+        except BadImage as e:
+            log.warning("skipping unreadable image %s", e)
+            return None
+        return eval_transform(img, self.size), label
+
+
+def _collate(items):
+    items = [x for x in items if x is not None]
+    if not items:
+        return None
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+@torch.no_grad()
+def extract_features(backbone, source, size: int, device, batch_size: int = 256,
+                     num_workers: int = 0):
+    """L2-normalised CLS features [n, dim] (fp32) and labels [n] of a source."""
+    backbone.eval()
+    loader = torch.utils.data.DataLoader(EvalImages(source, size), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=_collate)
+    feats, labels = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        x, y = batch
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            cls = backbone(x.to(device, non_blocking=True))[:, 0]
+        feats.append(F.normalize(cls.float(), dim=-1).cpu())
+        labels.append(y)
+    if not feats:
+        raise UserError("no readable images to extract features from")
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_classify(train_features, train_labels, test_features, test_labels,
+                 ks=(10, 20, 100, 200), temperature: float = 0.07, chunk: int = 512) -> dict:
+    """Top-1 accuracy (%) of weighted k-NN for each k (k capped at the training size)."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    k_max = min(max(ks), train_features.shape[0])
+    correct = {k: 0 for k in ks}
+    for start in range(0, test_features.shape[0], chunk):
+        f = test_features[start:start + chunk]
+        y = test_labels[start:start + chunk]
+        sim, idx = (f @ train_features.T).topk(k_max, dim=1)  # sorted, most similar first
+        neighbour_labels = train_labels[idx]
+        weights = (sim / temperature).exp()
+        for k in ks:
+            kk = min(k, k_max)
+            votes = torch.zeros(f.shape[0], num_classes)
+            votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
+            correct[k] += int((votes.argmax(1) == y).sum())
+    return {k: 100.0 * correct[k] / test_features.shape[0] for k in ks}
+
+
+def knn_eval_backbone(cfg, backbone, device, train_source=None, test_source=None) -> dict:
+    """k-NN accuracy of a backbone on the config's held-out split (digits test / val/)."""
+    train_source = train_source or build_dataset(cfg, "train")
+    test_source = test_source or build_dataset(cfg, "test")
+    size = cfg.data.global_size
+    was_training = backbone.training
+    train_f, train_y = extract_features(backbone, train_source, size, device, cfg.eval.batch_size)
+    test_f, test_y = extract_features(backbone, test_source, size, device, cfg.eval.batch_size)
+    backbone.train(was_training)
+    return knn_classify(train_f, train_y, test_f, test_y, cfg.eval.knn_k, cfg.eval.knn_temp)
+
+
+def random_init_backbone(cfg, seed: int = None):
+    """A freshly initialised backbone of the config's architecture (the k-NN baseline)."""
+    from ..models import build_backbone
+
+    torch.manual_seed(cfg.train.seed if seed is None else seed)
+    return build_backbone(cfg)
+
+
+def load_backbone(path, which: str = "teacher"):
+    """(config, backbone) from an ibot_fast checkpoint; which = teacher | student."""
+    from .. import checkpoint
+    from ..config import from_dict
+    from ..models import build_backbone
+
+    ckpt = checkpoint.load(path)
+    if "config" not in ckpt or which not in ckpt:
+        raise UserError(f"{path} is not an ibot_fast training checkpoint")
+    cfg = from_dict(ckpt["config"])
+    backbone = build_backbone(cfg)
+    prefix = "backbone."
+    state = {k[len(prefix):]: v for k, v in ckpt[which].items() if k.startswith(prefix)}
+    backbone.load_state_dict(state)
+    return cfg, backbone
+
+
+def format_results(results: dict) -> str:
+    return "  ".join(f"k={k}: {acc:5.2f}%" for k, acc in results.items())

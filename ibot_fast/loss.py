@@ -1,0 +1,202 @@
+"""IBOTLoss: the CLS (DINO) and masked-patch (MIM) self-distillation terms (DESIGN.md §1.4).
+
+    Pt_cls = softmax((t_cls - c) / tt)            Pt_patch = softmax((t_patch - c2) / tt2)
+    CE(p, s) = -sum_k p_k log_softmax(s / ts)_k   (no gradient into p)
+
+For teacher global crop q and student crop v: v == q gives a MIM term (mean over images
+of the mask-weighted mean CE over patches), v != q a CLS term (mean over images).
+loss = lambda1 * mean(CLS terms) + lambda2 * mean(MIM terms). The centers are updated
+after the loss, with the teacher outputs of this step averaged over all processes.
+
+`impl="reference"` computes the official eager formula; `impl="fast"` computes the same
+numbers through `ibot_fast.kernels.centered_softmax_ce` (one fused pass per row, no
+probabilities in memory) and, with `forward_masked`, on the masked rows only.
+"""
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+N_GLOBAL = 2
+
+
+def teacher_temp_schedule(warmup_temp, temp, warmup_epochs, n_epochs) -> np.ndarray:
+    """Per-epoch teacher temperature: linear warm-up over warmup_epochs, then constant."""
+    warm = np.linspace(warmup_temp, temp, warmup_epochs)
+    rest = np.ones(max(0, n_epochs - warmup_epochs)) * temp
+    return np.concatenate((warm, rest))[:max(n_epochs, 1)] if n_epochs else warm
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """Low-precision inputs are upcast; fp32 and fp64 (tests) are kept."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _at(schedule: np.ndarray, epoch) -> float:
+    """Schedule value at an integer epoch (official) or a fractional one (interpolated)."""
+    if float(epoch).is_integer():
+        return float(schedule[min(int(epoch), len(schedule) - 1)])
+    return float(np.interp(epoch, np.arange(len(schedule)), schedule))
+
+
+class IBOTLoss(nn.Module):
+    def __init__(self, out_dim, patch_out_dim, n_local_crops, warmup_teacher_temp,
+                 teacher_temp, warmup_teacher_patch_temp, teacher_patch_temp,
+                 warmup_teacher_temp_epochs, n_epochs, student_temp=0.1, center_momentum=0.9,
+                 center_momentum2=0.9, lambda1=1.0, lambda2=1.0, impl="reference"):
+        super().__init__()
+        if impl not in ("reference", "fast"):
+            raise ValueError(f"impl must be 'reference' or 'fast', got {impl!r}")
+        self.impl = impl
+        self.n_crops = N_GLOBAL + n_local_crops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.center_momentum2 = center_momentum2
+        self.lambda1 = lambda1
+        self.lambda2 = lambda2
+        self.register_buffer("center", torch.zeros(out_dim))
+        self.register_buffer("center2", torch.zeros(patch_out_dim))
+        self.teacher_temps = teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, n_epochs)
+        self.teacher_patch_temps = teacher_temp_schedule(
+            warmup_teacher_patch_temp, teacher_patch_temp, warmup_teacher_temp_epochs, n_epochs)
+        self._pending = None  # an all-reduce of center statistics still in flight
+
+    def teacher_temp(self, epoch) -> float:
+        return _at(self.teacher_temps, epoch)
+
+    def teacher_patch_temp(self, epoch) -> float:
+        return _at(self.teacher_patch_temps, epoch)
+
+    # -- the loss ------------------------------------------------------------------------
+
+    def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks, epoch):
+        """Shapes: student_cls [(2+L)B, K] crop-major, student_patch [2B, N, K2],
+        teacher_cls [2B, K], teacher_patch [2B, N, K2], masks [2B, N] bool.
+
+        Returns {"loss", "cls", "patch"} (fp32 scalars, loss == cls + patch) and then
+        updates the centers with this step's teacher outputs.
+        """
+        self.finish_center_update()
+        tt, tt2 = self.teacher_temp(epoch), self.teacher_patch_temp(epoch)
+        if self.impl == "reference":
+            cls = self._cls_loss_reference(student_cls, teacher_cls, tt)
+            patch = self._patch_loss_reference(student_patch, teacher_patch, masks, tt2)
+        else:
+            cls = self._cls_loss_fast(student_cls, teacher_cls, tt)
+            patch = self._patch_loss_fast(student_patch, teacher_patch, masks, tt2)
+        cls, patch = self.lambda1 * cls, self.lambda2 * patch
+        self.update_center(teacher_cls, _fp32(teacher_patch).mean(1).sum(0),
+                           teacher_patch.shape[0])
+        return {"loss": cls + patch, "cls": cls, "patch": patch}
+
+    def _cls_loss_reference(self, student_cls, teacher_cls, tt):
+        """Official eager formula: mean over the (2 x (n_crops - 1)) CLS terms."""
+        s = (_fp32(student_cls) / self.student_temp).chunk(self.n_crops)
+        t = F.softmax((_fp32(teacher_cls) - self.center) / tt, dim=-1).detach().chunk(N_GLOBAL)
+        total, n_terms = 0.0, 0
+        for q in range(N_GLOBAL):
+            for v in range(self.n_crops):
+                if v != q:
+                    total = total + torch.sum(-t[q] * F.log_softmax(s[v], dim=-1), -1).mean()
+                    n_terms += 1
+        return total / n_terms
+
+    def _patch_loss_reference(self, student_patch, teacher_patch, masks, tt2):
+        """Official eager formula over every patch token, weighted by the masks."""
+        s = (_fp32(student_patch) / self.student_temp).chunk(N_GLOBAL)
+        t = F.softmax((_fp32(teacher_patch) - self.center2) / tt2, dim=-1).detach()
+        t = t.chunk(N_GLOBAL)
+        m = masks.to(s[0].dtype).chunk(N_GLOBAL)
+        total = 0.0
+        for q in range(N_GLOBAL):
+            per_patch = torch.sum(-t[q] * F.log_softmax(s[q], dim=-1), dim=-1)
+            per_image = (per_patch * m[q]).sum(-1) / m[q].sum(-1).clamp(min=1.0)
+            total = total + per_image.mean()
+        return total / N_GLOBAL
+
+    def _cls_loss_fast(self, student_cls, teacher_cls, tt):
+        """All CLS terms in one kernel call: row (q, v, b) pairs student crop v, image b
+        with teacher crop q, weighted 1 / (B * n_terms)."""
+        from ibot_fast.kernels import centered_softmax_ce
+
+        B = teacher_cls.shape[0] // N_GLOBAL
+        pairs = [(q, v) for q in range(N_GLOBAL) for v in range(self.n_crops) if v != q]
+        s_rows = torch.cat([student_cls[v * B:(v + 1) * B] for _, v in pairs])
+        t_rows = torch.cat([teacher_cls[q * B:(q + 1) * B] for q, _ in pairs])
+        rows = centered_softmax_ce(s_rows, t_rows.detach(), self.center, self.student_temp, tt)
+        return rows.sum() / (B * len(pairs))
+
+    def _patch_loss_fast(self, student_patch, teacher_patch, masks, tt2):
+        """Full-token patch term through the kernel: each patch row weighted by
+        m_i / max(1, sum m) / (B * n_terms)."""
+        from ibot_fast.kernels import centered_softmax_ce
+
+        B = masks.shape[0] // N_GLOBAL
+        weight = masks.float() / masks.float().sum(-1, keepdim=True).clamp(min=1.0)
+        weight = (weight / (B * N_GLOBAL)).reshape(-1)
+        K2 = student_patch.shape[-1]
+        rows = centered_softmax_ce(student_patch.reshape(-1, K2),
+                                   teacher_patch.reshape(-1, K2).detach(), self.center2,
+                                   self.student_temp, tt2, weight=weight)
+        return rows.sum()
+
+    # -- centers -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_center(self, teacher_cls, patch_sum, n_patch_rows):
+        """Start the center update from this step's teacher outputs.
+
+        teacher_cls [2B, K]; patch_sum [K2] = sum over images of the per-image mean patch
+        logit (or, for center2_from=masked, the sum over masked rows); n_patch_rows the
+        count it divides by. Across processes the sums are all-reduced asynchronously;
+        the update lands in `finish_center_update` (next forward, or state_dict), so the
+        reduction overlaps the backward pass. Non-finite statistics leave the centers as
+        they were.
+        """
+        stats = torch.cat([_fp32(teacher_cls.detach()).sum(0).to(self.center.dtype),
+                           patch_sum.detach().to(self.center.dtype)])
+        counts = [float(teacher_cls.shape[0]), float(n_patch_rows)]
+        work = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            work = dist.all_reduce(stats, async_op=True)
+            counts = [c * dist.get_world_size() for c in counts]
+        self._pending = (work, stats, counts)
+        if work is None:
+            self.finish_center_update()
+
+    @torch.no_grad()
+    def finish_center_update(self):
+        if self._pending is None:
+            return
+        work, stats, (n_cls, n_patch) = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        K = self.center.numel()
+        ok = torch.isfinite(stats).all()
+        new_c = self.center * self.center_momentum + stats[:K] / n_cls * (1 - self.center_momentum)
+        new_c2 = (self.center2 * self.center_momentum2 +
+                  stats[K:] / max(n_patch, 1.0) * (1 - self.center_momentum2))
+        # new tensors, not in-place writes: the previous centers may still be saved for
+        # the backward pass of this step's loss
+        self.center = torch.where(ok, new_c, self.center)
+        self.center2 = torch.where(ok, new_c2, self.center2)
+
+    def state_dict(self, *args, **kwargs):
+        self.finish_center_update()
+        return super().state_dict(*args, **kwargs)
+
+
+def build_loss(cfg, impl: str = None) -> IBOTLoss:
+    c = cfg.loss
+    return IBOTLoss(
+        out_dim=cfg.model.out_dim, patch_out_dim=cfg.model.patch_out_dim,
+        n_local_crops=cfg.data.n_local, warmup_teacher_temp=c.warmup_teacher_temp,
+        teacher_temp=c.teacher_temp, warmup_teacher_patch_temp=c.warmup_teacher_patch_temp,
+        teacher_patch_temp=c.teacher_patch_temp,
+        warmup_teacher_temp_epochs=c.warmup_teacher_temp_epochs, n_epochs=cfg.train.epochs,
+        student_temp=c.student_temp, center_momentum=c.center_momentum,
+        center_momentum2=c.center_momentum2, lambda1=c.lambda1, lambda2=c.lambda2,
+        impl=impl or cfg.train.impl)

@@ -1,0 +1,177 @@
+"""Vision Transformer backbone (DESIGN.md §1.3), as iBOT uses it.
+
+Pre-norm blocks, qkv bias, LayerNorm eps 1e-6, MLP ratio 4, GELU, a CLS token, learned
+position embeddings (bicubic-interpolated for other grid sizes), stochastic depth, and a
+learned mask token (zero-initialised) that replaces the patch embedding of every masked
+patch *before* the position embedding is added and the CLS token is prepended.
+
+Sizes (`ARCHS`): ViT-S/B/L as in the paper, and `vit_demo` for the CPU demo on 32 px
+digits: dim 128, depth 4, 4 heads (0.8 M parameters) with 4 px patches, so a 32 px
+global crop is an 8x8 grid and a 16 px local crop 4x4; an epoch of the digits takes
+well under a minute on two CPU cores.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+
+ARCHS = {
+    "vit_demo": dict(dim=128, depth=4, heads=4),
+    "vit_small": dict(dim=384, depth=12, heads=6),
+    "vit_base": dict(dim=768, depth=12, heads=12),
+    "vit_large": dict(dim=1024, depth=24, heads=16),
+}
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a sample's residual branch with probability p, rescale others."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int, in_chans: int = 3):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, h*w, dim], row-major patches
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, backend: str = "math"):
+        super().__init__()
+        self.heads = heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2], self.backend)  # [B, heads, N, head_dim]
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 backend: str = "math"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone returning all tokens after the final LayerNorm: [B, 1 + h*w, dim]."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, dim: int = 384,
+                 depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0,
+                 drop_path_rate: float = 0.0, attention_backend: str = "math"):
+        super().__init__()
+        self.patch_size = patch_size
+        self.embed_dim = dim
+        self.num_heads = heads
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))  # official: `masked_embed`
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp_ratio, rates[i], attention_backend) for i in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def set_attention_backend(self, backend: str) -> None:
+        for block in self.blocks:
+            block.attn.backend = backend
+
+    def interpolate_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """Position embeddings for an h x w patch grid (bicubic from the trained grid)."""
+        n = self.pos_embed.shape[1] - 1
+        side = int(math.sqrt(n))
+        if h == side and w == side:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic",
+                                  align_corners=False).to(patch_pos.dtype)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
+        """Patch-embed, apply the mask token, prepend CLS, add position embeddings.
+
+        mask: bool [B, h*w] (row-major patches) or None.
+        """
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        x = self.patch_embed(x)
+        if mask is not None:
+            # torch.where keeps the mask token in the graph even when nothing is masked,
+            # so its gradient is always defined (DDP sees it used every step).
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return x + self.interpolate_pos_embed(h, w).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
+        x = self.prepare_tokens(x, mask)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1):
+        """Normalised outputs of the last n blocks (for linear probing)."""
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x))
+        return outputs
+
+
+def vit(arch: str, img_size: int, patch_size: int, drop_path_rate: float = 0.0,
+        attention_backend: str = "math") -> VisionTransformer:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
+    return VisionTransformer(img_size=img_size, patch_size=patch_size,
+                             drop_path_rate=drop_path_rate, attention_backend=attention_backend,
+                             **ARCHS[arch])

@@ -1,0 +1,386 @@
+"""Pre-train a Vision Transformer with iBOT.
+
+Single process (a GPU if there is one, else the CPU):
+
+    python -m ibot_fast.train --preset demo
+    ibot-fast train --preset vit_small_16_paper --data /data/imagenet --output-dir runs/vits16
+
+One node, 8 GPUs (DDP over NCCL; gloo when run on CPUs):
+
+    torchrun --nproc_per_node=8 -m ibot_fast.train --preset vit_small_16_paper \\
+        --data /data/imagenet --output-dir runs/vits16
+
+Several nodes: add `--nnodes N --node_rank R --master_addr HOST --master_port PORT` to
+torchrun on each node. Any config key can be overridden as `key=value` (see
+`ibot-fast keys`); `--resume` continues from <output_dir>/checkpoint.pth (or a path).
+
+The step (`Trainer.train_step`) reads top to bottom: schedules, teacher forward, student
+forward, loss, backward + clip + optimizer step, teacher EMA. There is no host
+synchronisation inside a step except on logging steps (every `train.log_every`).
+"""
+import argparse
+import logging
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from . import UserError, checkpoint, dist
+from .config import build_config, derived, to_dict
+from .data import build_train_loader
+from .logger import JsonLog, ProgressBar, setup_logging
+from .loss import build_loss
+from .models import build_student_teacher
+from .models.attention import resolve_backend
+from .optim import (build_optimizer, cancel_last_layer_grads, clip_gradients, ema_loop_,
+                    last_layer_params, set_hyperparameters)
+from .schedules import build_schedules
+
+log = logging.getLogger("ibot_fast")
+
+
+class TrainingDiverged(UserError):
+    """Too many non-finite losses in a row."""
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(
+        "ibot-fast train", description="iBOT pre-training. Overrides: key=value, e.g. "
+        "train.batch_size=64 optim.lr=0.0005 (ibot-fast keys lists every key).")
+    p.add_argument("--preset", default=None,
+                   help="demo | vit_small_16_paper | vit_base_16_paper | vit_large_16_paper")
+    p.add_argument("--data", default=None,
+                   help="ImageFolder root (sets data.source=folder, data.path=PATH)")
+    p.add_argument("--output-dir", default=None, help="sets train.output_dir")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from <output_dir>/checkpoint.pth, or from the given path")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def config_from_args(args):
+    overrides = list(args.overrides)
+    if args.data:
+        overrides += ["data.source=folder", f"data.path={args.data}"]
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    return build_config(args.preset, overrides)
+
+
+class Trainer:
+    def __init__(self, cfg, resume=None):
+        self.cfg = cfg
+        self.rank, self.world_size, self.device = dist.init(cfg.train.device)
+        self.is_main = self.rank == 0
+        setup_logging(self.is_main)
+        self.out_dir = Path(cfg.train.output_dir)
+        self.derived = derived(cfg, self.world_size)
+        self.precision = self._resolve_precision()
+        self.fast = cfg.train.impl == "fast"
+        backend = resolve_backend(cfg.model.attention, self.device)
+
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every process
+        student, teacher = build_student_teacher(cfg, backend)
+        self.student_module = student.to(self.device)
+        self.teacher = teacher.to(self.device)
+        self.student = self.student_module
+        if self.world_size > 1:
+            self.student = torch.nn.parallel.DistributedDataParallel(
+                self.student_module, device_ids=[self.device] if self.device.type == "cuda"
+                else None, broadcast_buffers=False)
+        torch.manual_seed(cfg.train.seed + self.rank)  # stochastic depth differs by process
+
+        self.loss = build_loss(cfg).to(self.device)
+        self.optimizer = build_optimizer(cfg, self.student_module,
+                                         fused=self.fast and cfg.optim.name == "adamw")
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.last_layer = last_layer_params(self.student_module)
+        self.student_params = [p for p in self.student_module.parameters() if p.requires_grad]
+
+        self.loader = build_train_loader(cfg, self.world_size, self.rank, device=self.device)
+        self.iters_per_epoch = self.loader.batches_per_epoch
+        self.sched = build_schedules(cfg, self.iters_per_epoch, self.derived["lr"])
+
+        self.epoch, self.batch_in_epoch, self.iteration = 0, 0, 0
+        self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.nonfinite_run = torch.zeros_like(self.nonfinite_total)
+        self.nonfinite_max_run = torch.zeros_like(self.nonfinite_total)
+        self.n_bad_images = 0
+        self.stop_requested = False
+        self.json_log = JsonLog(self.out_dir / "log.jsonl", enabled=self.is_main)
+        if resume:
+            self.load(self.out_dir / "checkpoint.pth" if resume == "auto" else Path(resume))
+        log.info("iBOT %s: %s, %d process(es), device %s, precision %s, attention %s, "
+                 "global batch %d, lr %.3g, %d iterations/epoch",
+                 cfg.train.impl, cfg.model.arch, self.world_size, self.device, self.precision,
+                 backend, self.derived["global_batch"], self.derived["lr"],
+                 self.iters_per_epoch)
+
+    def _resolve_precision(self) -> str:
+        p = self.cfg.train.precision
+        if p == "auto":
+            return "bf16" if self.device.type == "cuda" else "fp32"
+        if p == "fp16" and self.device.type != "cuda":
+            raise UserError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
+        return p
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- one step ------------------------------------------------------------------------
+
+    def train_step(self, batch, it: int, epoch: int) -> dict:
+        hp = self.sched.at(it)
+        set_hyperparameters(self.optimizer, hp["lr"], hp["wd"])
+        global_crops = batch["globals"].to(self.device, non_blocking=True)
+        local_crops = batch["locals"].to(self.device, non_blocking=True)
+        masks = batch["masks"].to(self.device, non_blocking=True)
+
+        with self.autocast():
+            with torch.no_grad():
+                teacher_cls, teacher_patch = self.teacher(global_crops)
+            student_cls, student_patch = self.student(global_crops, masks, local_crops)
+        losses = self.loss(student_cls.float(), student_patch.float(), teacher_cls.float(),
+                           teacher_patch.float(), masks, epoch)
+
+        self.backward_and_step(losses["loss"], epoch)
+        self.update_teacher(hp["momentum"])
+        return losses
+
+    def backward_and_step(self, loss: torch.Tensor, epoch: int) -> None:
+        """Backward, drop frozen last-layer grads, clip, and step unless non-finite."""
+        self.optimizer.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if epoch < self.cfg.optim.freeze_last_layer:
+            cancel_last_layer_grads(self.last_layer)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.zeros((), device=self.device)
+        if self.cfg.optim.clip_grad > 0:
+            grad_norm = clip_gradients(self.student_params, self.cfg.optim.clip_grad,
+                                       self.cfg.optim.clip_mode)
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        if self.scaler:  # GradScaler skips steps with inf/nan gradients itself
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            self.optimizer.found_inf = bad.float()  # fused AdamW skips on device, no sync
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif not bad.item():  # other optimizers: one host sync
+            self.optimizer.step()
+        self.nonfinite_total += bad
+        self.nonfinite_run = (self.nonfinite_run + 1) * bad
+        self.nonfinite_max_run = torch.maximum(self.nonfinite_max_run, self.nonfinite_run)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        if self.fast:
+            t = list(self.teacher.parameters())
+            s = list(self.student_module.parameters())
+            torch._foreach_mul_(t, momentum)
+            torch._foreach_add_(t, s, alpha=1 - momentum)
+        else:
+            ema_loop_(self.teacher, self.student_module, momentum)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._write_config()
+        bar = ProgressBar(cfg.train.epochs, self.iters_per_epoch, enabled=self.is_main)
+        status = "finished"
+        try:
+            while self.epoch < cfg.train.epochs:
+                status = self.train_epoch(bar)
+                if status != "epoch":
+                    break
+                self.end_of_epoch()
+            else:
+                status = "finished"
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if status == "epoch":
+            status = "finished"
+        log.info("training %s at epoch %d, iteration %d (non-finite steps skipped: %d, "
+                 "unreadable images skipped: %d)", status, self.epoch, self.iteration,
+                 int(self.nonfinite_total), self.n_bad_images)
+        return {"status": status, "epoch": self.epoch, "iteration": self.iteration,
+                "nonfinite": int(self.nonfinite_total), "bad_images": self.n_bad_images}
+
+    def train_epoch(self, bar) -> str:
+        cfg = self.cfg
+        self.loader.set_epoch(self.epoch, self.batch_in_epoch)
+        t_last, it_last = time.time(), self.iteration
+        for batch in self.loader:
+            losses = self.train_step(batch, self.iteration, self.epoch)
+            self.iteration += 1
+            self.batch_in_epoch += 1
+            self.n_bad_images += batch["n_bad"]
+            is_log_step = (self.iteration % cfg.train.log_every == 0 or
+                           self.batch_in_epoch == self.iters_per_epoch)
+            if is_log_step:
+                now = time.time()
+                record = self.log_step(losses, (self.iteration - it_last) / (now - t_last))
+                t_last, it_last = time.time(), self.iteration
+                bar.update(self.epoch, self.batch_in_epoch,
+                           f"loss {record['loss']:.4f}  {record['img_per_s']:.0f} img/s",
+                           force=True)
+                if self._should_stop():
+                    self.save()
+                    return "preempted"
+            else:
+                bar.update(self.epoch, self.batch_in_epoch, "")
+            if cfg.train.stop_at_iter and self.iteration >= cfg.train.stop_at_iter:
+                self.save()
+                return "stopped"
+            if self.world_size == 1 and self.stop_requested:
+                self.save()
+                return "preempted"
+        return "epoch"
+
+    def end_of_epoch(self):
+        cfg = self.cfg
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        last = self.epoch == cfg.train.epochs
+        if cfg.eval.knn_every and (self.epoch % cfg.eval.knn_every == 0 or last):
+            self.evaluate_knn()
+        if self.epoch % cfg.train.save_every == 0 or last:
+            self.save()
+            if cfg.train.keep_every and self.epoch % cfg.train.keep_every == 0 and self.is_main:
+                checkpoint.save(self.out_dir / f"checkpoint{self.epoch:04d}.pth",
+                                self.state_dict())
+
+    def log_step(self, losses: dict, iters_per_s: float) -> dict:
+        """The only host synchronisation of the loop: read the device counters and losses."""
+        hp = self.sched.at(self.iteration - 1)
+        record = {
+            "iter": self.iteration, "epoch": self.epoch,
+            **{k: float(v.detach()) for k, v in losses.items()},
+            **hp,
+            "teacher_temp": self.loss.teacher_temp(self.epoch),
+            "teacher_patch_temp": self.loss.teacher_patch_temp(self.epoch),
+            "img_per_s": iters_per_s * self.derived["global_batch"],
+            "nonfinite_total": int(self.nonfinite_total),
+            "bad_images": self.n_bad_images,
+        }
+        if self.device.type == "cuda":
+            record["mem_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.json_log.write(record)
+        max_run = int(self.nonfinite_max_run)
+        if max_run >= self.cfg.train.max_nonfinite:
+            self.save()
+            raise TrainingDiverged(
+                f"{max_run} non-finite losses in a row by iteration {self.iteration}: the run "
+                "diverged (checkpoint saved); lower optim.lr, raise optim.warmup_epochs or "
+                "use train.precision=bf16/fp32")
+        self.nonfinite_max_run.zero_()
+        return record
+
+    def _on_sigterm(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
+        self.stop_requested = True
+
+    def _should_stop(self) -> bool:
+        """Every process must agree to stop: the flag is all-reduced on logging steps."""
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        return bool(dist.all_reduce_(flag).item() > 0)
+
+    def evaluate_knn(self):
+        from .eval.knn import knn_eval_backbone
+
+        if self.is_main:
+            results = knn_eval_backbone(self.cfg, self.teacher.backbone, self.device)
+            log.info("k-NN at epoch %d: %s", self.epoch,
+                     ", ".join(f"k={k}: {a:.2f}%" for k, a in results.items()))
+            self.json_log.write({"iter": self.iteration, "epoch": self.epoch,
+                                 **{f"knn_top1_k{k}": a for k, a in results.items()}})
+        dist.barrier()
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "student": self.student_module.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loss": self.loss.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "iteration": self.iteration,
+            "config": to_dict(self.cfg),
+            "rng": dist.all_gather_object(checkpoint.rng_state()),
+            "counters": {"nonfinite_total": int(self.nonfinite_total),
+                         "nonfinite_run": int(self.nonfinite_run),
+                         "bad_images": self.n_bad_images},
+        }
+
+    def save(self):
+        state = self.state_dict()  # every process takes part (RNG states are gathered)
+        if self.is_main:
+            path = checkpoint.save(self.out_dir / "checkpoint.pth", state)
+            log.info("checkpoint: %s (epoch %d, iteration %d)", path, self.epoch, self.iteration)
+        dist.barrier()
+
+    def load(self, path: Path):
+        ckpt = checkpoint.load(path)
+        checkpoint.check_compatible(ckpt, to_dict(self.cfg), path)
+        self.student_module.load_state_dict(ckpt["student"])
+        self.teacher.load_state_dict(ckpt["teacher"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.loss.load_state_dict(ckpt["loss"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.iteration = ckpt["iteration"]
+        if self.batch_in_epoch >= self.iters_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        rng = ckpt["rng"]
+        checkpoint.set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
+        counters = ckpt.get("counters", {})
+        self.nonfinite_total.fill_(counters.get("nonfinite_total", 0))
+        self.nonfinite_run.fill_(counters.get("nonfinite_run", 0))
+        self.n_bad_images = counters.get("bad_images", 0)
+        log.info("resumed from %s at epoch %d, iteration %d", path, self.epoch, self.iteration)
+
+    def _write_config(self):
+        if self.is_main:
+            import json
+
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            resolved = {**to_dict(self.cfg), "derived": self.derived,
+                        "precision": self.precision}
+            (self.out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+
+
+def train(cfg, resume=None) -> dict:
+    trainer = Trainer(cfg, resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.loader = None
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        result = train(cfg, args.resume)
+    except UserError as e:
+        print(f"ibot-fast: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.destroy()
+    return 0 if result["status"] in ("finished", "stopped", "preempted") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

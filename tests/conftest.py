@@ -1,0 +1,31 @@
+"""Shared test set-up.
+
+Without a CUDA GPU the Triton kernels run under the interpreter: TRITON_INTERPRET=1 must
+be set before Triton is first imported, so it is set here, at collection time. Tests that
+need a GPU carry the `gpu` marker and are skipped without one (a skip proves nothing).
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Two cores on CI: keep torch from oversubscribing them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -1,0 +1,153 @@
+"""IBOTLoss against the loop-written §1.4 computation (ibot_fast.reference.loss)."""
+import numpy as np
+import pytest
+import torch
+
+from ibot_fast.loss import IBOTLoss
+from ibot_fast.reference.loss import center_update_loop, ibot_loss_loop
+
+B, N, K, K2 = 3, 6, 17, 11
+
+
+def make_loss(n_local, impl="reference", **kw):
+    args = dict(out_dim=K, patch_out_dim=K2, n_local_crops=n_local, warmup_teacher_temp=0.04,
+                teacher_temp=0.07, warmup_teacher_patch_temp=0.04, teacher_patch_temp=0.07,
+                warmup_teacher_temp_epochs=5, n_epochs=10, student_temp=0.1,
+                center_momentum=0.9, center_momentum2=0.8, impl=impl)
+    args.update(kw)
+    return IBOTLoss(**args).double()
+
+
+def make_inputs(n_local, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    student_cls = torch.randn((2 + n_local) * B, K, generator=g, dtype=dtype) * 3
+    student_patch = torch.randn(2 * B, N, K2, generator=g, dtype=dtype) * 3
+    teacher_cls = torch.randn(2 * B, K, generator=g, dtype=dtype) * 3
+    teacher_patch = torch.randn(2 * B, N, K2, generator=g, dtype=dtype) * 3
+    masks = torch.rand(2 * B, N, generator=g) < 0.4
+    masks[1] = False  # an unmasked image in crop 0
+    masks[B + 2] = False  # and one in crop 1
+    masks[0, :2] = True
+    return student_cls, student_patch, teacher_cls, teacher_patch, masks
+
+
+@pytest.mark.parametrize("n_local", [0, 1, 3])
+@pytest.mark.parametrize("epoch", [0, 2, 7])
+def test_loss_equals_loop(n_local, epoch):
+    loss = make_loss(n_local)
+    loss.center.normal_()
+    loss.center2.normal_()
+    s_cls, s_patch, t_cls, t_patch, masks = make_inputs(n_local, seed=epoch)
+    s_cls.requires_grad_(True)
+    s_patch.requires_grad_(True)
+    expected = ibot_loss_loop(s_cls, s_patch, t_cls, t_patch, masks, loss.center.clone(),
+                              loss.center2.clone(), 0.1, loss.teacher_temp(epoch),
+                              loss.teacher_patch_temp(epoch))
+    g_expected = torch.autograd.grad(expected["loss"], [s_cls, s_patch])
+    out = loss(s_cls, s_patch, t_cls, t_patch, masks, epoch)
+    for key in ("loss", "cls", "patch"):
+        torch.testing.assert_close(out[key], expected[key], rtol=1e-12, atol=1e-12)
+    assert torch.equal(out["loss"], out["cls"] + out["patch"])
+    g_out = torch.autograd.grad(out["loss"], [s_cls, s_patch])
+    for a, b in zip(g_out, g_expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_term_counts_with_ten_local_crops():
+    """22 CLS terms and 2 MIM terms: with identical rows every CLS term is equal, so the
+    CLS loss equals one term, whatever the count; the weights must sum to one."""
+    loss = make_loss(10)
+    s_cls, s_patch, t_cls, t_patch, masks = make_inputs(10)
+    s_cls = s_cls[:B].repeat(12, 1)
+    t_cls = s_cls[:B].repeat(2, 1)
+    out = loss(s_cls, s_patch, t_cls, t_patch, masks, 0)
+    one = ibot_loss_loop(s_cls[:2 * B], s_patch, t_cls, t_patch, masks,
+                         torch.zeros(K, dtype=torch.float64), torch.zeros(K2, dtype=torch.float64),
+                         0.1, 0.04, 0.04)
+    torch.testing.assert_close(out["cls"], one["cls"])
+
+
+def test_no_gradient_reaches_teacher():
+    loss = make_loss(2)
+    s_cls, s_patch, t_cls, t_patch, masks = make_inputs(2)
+    for t in (s_cls, s_patch, t_cls, t_patch):
+        t.requires_grad_(True)
+    loss(s_cls, s_patch, t_cls, t_patch, masks, 1)["loss"].backward()
+    assert t_cls.grad is None and t_patch.grad is None
+    assert s_cls.grad is not None and s_patch.grad.abs().sum() > 0
+
+
+def test_centers_after_two_calls():
+    loss = make_loss(1)
+    c = torch.zeros(K, dtype=torch.float64)
+    c2 = torch.zeros(K2, dtype=torch.float64)
+    for seed in (1, 2):
+        s_cls, s_patch, t_cls, t_patch, masks = make_inputs(1, seed=seed)
+        loss(s_cls, s_patch, t_cls, t_patch, masks, 0)
+        c, c2 = center_update_loop(c, c2, t_cls, t_patch, 0.9, 0.8)
+    torch.testing.assert_close(loss.center, c, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss.center2, c2, rtol=1e-12, atol=1e-12)
+
+
+def test_center_is_used_before_update():
+    """Each step uses the previous step's center: the first call sees zeros."""
+    loss = make_loss(1)
+    s_cls, s_patch, t_cls, t_patch, masks = make_inputs(1)
+    first = loss(s_cls, s_patch, t_cls, t_patch, masks, 0)["loss"]
+    zero = ibot_loss_loop(s_cls, s_patch, t_cls, t_patch, masks,
+                          torch.zeros(K, dtype=torch.float64),
+                          torch.zeros(K2, dtype=torch.float64), 0.1, 0.04, 0.04)["loss"]
+    torch.testing.assert_close(first, zero)
+    assert loss.center.abs().sum() > 0
+
+
+def test_non_finite_teacher_leaves_centers():
+    loss = make_loss(0)
+    s_cls, s_patch, t_cls, t_patch, masks = make_inputs(0)
+    loss(s_cls, s_patch, t_cls, t_patch, masks, 0)
+    before = loss.center.clone()
+    t_cls[0, 0] = float("nan")
+    loss(s_cls, s_patch, t_cls, t_patch, masks, 0)
+    assert torch.equal(loss.center, before)
+
+
+def test_teacher_temperature_schedule():
+    loss = make_loss(0, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                     warmup_teacher_temp_epochs=4, n_epochs=10)
+    assert loss.teacher_temp(0) == pytest.approx(0.04)
+    assert loss.teacher_temp(3) == pytest.approx(0.07)
+    assert loss.teacher_temp(9) == pytest.approx(0.07)
+    assert loss.teacher_temp(1) == pytest.approx(0.05)
+    assert loss.teacher_temp(1.5) == pytest.approx(0.055)
+    assert loss.teacher_patch_temp(0) == pytest.approx(0.04)
+    np.testing.assert_allclose(loss.teacher_temps[:4], [0.04, 0.05, 0.06, 0.07])
+
+
+def test_unmasked_batch_gives_zero_patch_term():
+    loss = make_loss(1)
+    s_cls, s_patch, t_cls, t_patch, masks = make_inputs(1)
+    out = loss(s_cls, s_patch, t_cls, t_patch, torch.zeros_like(masks), 0)
+    assert out["patch"] == 0 and out["cls"] > 0
+
+
+@pytest.mark.parametrize("n_local", [0, 2])
+def test_fast_impl_equals_reference(n_local):
+    """The kernel path (under the Triton interpreter on the CPU) gives the same terms,
+    student gradients and centers as the eager reference."""
+    ref, fast = make_loss(n_local).float(), make_loss(n_local, impl="fast").float()
+    for step in range(2):
+        inputs = [x.float() if x.is_floating_point() else x
+                  for x in make_inputs(n_local, seed=10 + step)]
+        s_cls, s_patch, t_cls, t_patch, masks = inputs
+        outs, grads = [], []
+        for loss in (ref, fast):
+            a, b = s_cls.clone().requires_grad_(True), s_patch.clone().requires_grad_(True)
+            out = loss(a, b, t_cls, t_patch, masks, step)
+            grads.append(torch.autograd.grad(out["loss"], [a, b]))
+            outs.append(out)
+        for key in ("loss", "cls", "patch"):
+            torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-5, atol=1e-5)
+        for g_fast, g_ref in zip(grads[1], grads[0]):
+            torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fast.center, ref.center)
+    torch.testing.assert_close(fast.center2, ref.center2)

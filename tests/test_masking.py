@@ -1,0 +1,125 @@
+"""Mask samplers (DESIGN.md §1.2): ratios, counts, block shape, stratified totals."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ibot_fast.masking import (BlockMaskSampler, StratifiedMaskSampler, block_mask,
+                               masked_index, sampler_from_config)
+
+
+def components(mask_row: np.ndarray, grid) -> int:
+    """4-connected components of one mask (a flood fill)."""
+    m = mask_row.reshape(grid).copy()
+    count = 0
+    for start in zip(*np.nonzero(m)):
+        if not m[start]:
+            continue
+        count += 1
+        stack = [start]
+        m[start] = False
+        while stack:
+            i, j = stack.pop()
+            for a, b in ((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)):
+                if 0 <= a < m.shape[0] and 0 <= b < m.shape[1] and m[a, b]:
+                    m[a, b] = False
+                    stack.append((a, b))
+    return count
+
+
+def test_official_signature_and_shape():
+    sampler = BlockMaskSampler(grid_size=(14, 14), pred_ratio=(0.0, 0.3),
+                               pred_ratio_var=(0.0, 0.2))
+    masks = sampler(7)
+    assert masks.dtype == torch.bool and masks.shape == (7, 196)
+
+
+def test_iid_ratio_distribution_and_counts():
+    sampler = BlockMaskSampler(grid_size=(14, 14), pred_ratio=(0.0, 0.3),
+                               pred_ratio_var=(0.0, 0.2), seed=1)
+    masks = sampler(4000)
+    counts = masks.sum(1).numpy()
+    unmasked = (counts == 0).mean()
+    assert abs(unmasked - 0.5) < 0.03  # 4000 draws: sd of the fraction is 0.008
+    masked = counts[counts > 0]
+    # a masked crop never exceeds int(0.5 * 196) and reaches at least the first block (16)
+    assert masked.max() <= int(0.5 * 196)
+    assert masked.min() >= 1
+    # most masked crops reach their target closely: the mean ratio is near 0.3 * 196
+    assert 0.25 * 196 < masked.mean() <= 0.3 * 196
+
+
+def test_iid_single_ratio_choice():
+    sampler = BlockMaskSampler(grid_size=(14, 14), pred_ratio=0.3, pred_ratio_var=0.0, seed=0)
+    counts = sampler(300).sum(1)
+    assert (counts > 0).all() and counts.max() <= int(0.3 * 196)
+    assert counts.float().mean() > 0.9 * int(0.3 * 196)
+
+
+def test_masks_are_block_shaped():
+    sampler = BlockMaskSampler(grid_size=(14, 14), seed=3)
+    rng = np.random.default_rng(0)
+    block_components, random_components = [], []
+    for row in sampler(400).numpy():
+        n = int(row.sum())
+        if n < 20:
+            continue
+        block_components.append(components(row, (14, 14)))
+        scattered = np.zeros(196, dtype=bool)
+        scattered[rng.choice(196, n, replace=False)] = True
+        random_components.append(components(scattered, (14, 14)))
+    assert np.mean(block_components) * 4 < np.mean(random_components)
+
+
+def test_block_mask_follows_the_target():
+    rng = random.Random(0)
+    log_aspect = (np.log(0.3), np.log(1 / 0.3))
+    for target in (0, 19, 58, 98):
+        m = block_mask((14, 14), target, rng, 16, log_aspect)
+        assert m.sum() <= target
+        if target:
+            assert m.sum() > 0
+
+
+def test_stratified_total_is_fixed_and_half_masked():
+    sampler = StratifiedMaskSampler(grid_size=(14, 14), ratio_range=(0.1, 0.5),
+                                    mask_probability=0.5, seed=0)
+    expected = sampler.total(64)
+    for _ in range(20):
+        masks = sampler(64)
+        assert int(masks.sum()) == expected
+        assert int((masks.sum(1) > 0).sum()) == 32
+    per_crop = sorted(int(c) for c in sampler(64).sum(1) if c > 0)
+    assert per_crop[0] >= int(0.1 * 196) and per_crop[-1] <= int(0.5 * 196)
+
+
+def test_stratified_masks_are_blocky():
+    sampler = StratifiedMaskSampler(grid_size=(14, 14), seed=5)
+    comps = [components(r, (14, 14)) for r in sampler(128).numpy() if r.sum() >= 20]
+    assert np.mean(comps) < 4
+
+
+def test_sampler_from_config_maps_official_flags():
+    from ibot_fast.config import MaskConfig
+
+    s = sampler_from_config(MaskConfig(sampler="stratified"), (14, 14))
+    assert s.ratio_range == pytest.approx((0.1, 0.5)) and s.mask_probability == 0.5
+    assert isinstance(sampler_from_config(MaskConfig(), (14, 14)), BlockMaskSampler)
+
+
+def test_same_rng_same_masks():
+    sampler = BlockMaskSampler(grid_size=(8, 8))
+    a = sampler(10, random.Random(42))
+    b = sampler(10, random.Random(42))
+    assert torch.equal(a, b)
+
+
+def test_masked_index_pads_and_counts():
+    masks = torch.rand(6, 10) < 0.3
+    index, count = masked_index(masks, rows=64)
+    flat = masks.reshape(-1).nonzero().squeeze(1)
+    assert count == flat.numel() and torch.equal(index[:count], flat)
+    assert (index[count:] == 0).all()
+    with pytest.raises(ValueError):
+        masked_index(torch.ones(4, 10, dtype=torch.bool), rows=5)

@@ -1,0 +1,101 @@
+"""ViT backbone and iBOT head (DESIGN.md §1.3)."""
+import pytest
+import torch
+
+from ibot_fast.config import build_config
+from ibot_fast.models import IBOTHead, build_student_teacher
+from ibot_fast.models.vit import vit
+
+
+def test_mask_token_replaces_patch_embedding_before_position():
+    torch.manual_seed(0)
+    model = vit("vit_demo", 32, 4)
+    with torch.no_grad():
+        model.mask_token.normal_()
+    x = torch.randn(3, 3, 32, 32)
+    mask = torch.rand(3, 64) < 0.4
+    tokens = model.prepare_tokens(x, mask)
+    pos = model.pos_embed[0, 1:]
+    plain = model.patch_embed(x) + pos
+    expected = torch.where(mask[..., None], model.mask_token + pos, plain)
+    torch.testing.assert_close(tokens[:, 1:], expected)
+    torch.testing.assert_close(tokens[:, 0], (model.cls_token + model.pos_embed[:, :1])[0].expand(3, -1))
+
+
+def test_mask_token_starts_at_zero_and_gets_gradient():
+    model = vit("vit_demo", 32, 4)
+    assert torch.count_nonzero(model.mask_token) == 0
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[0, :5] = True
+    model(torch.randn(2, 3, 32, 32), mask).sum().backward()
+    assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("size,tokens", [(224, 197), (96, 37)])
+def test_vit_small_shapes(size, tokens):
+    model = vit("vit_small", 224, 16)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(21.7e6, rel=0.02)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, size, size))
+    assert out.shape == (1, tokens, 384)
+
+
+def test_position_embedding_interpolation_is_bicubic():
+    model = vit("vit_demo", 32, 4)
+    pos = model.interpolate_pos_embed(4, 4)
+    assert pos.shape == (1, 17, 128)
+    grid = model.pos_embed[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bicubic",
+                                               align_corners=False)
+    torch.testing.assert_close(pos[0, 1:], expected.permute(0, 2, 3, 1).reshape(16, -1)[None][0])
+    assert model.interpolate_pos_embed(8, 8) is model.pos_embed
+
+
+def test_stochastic_depth_only_in_training():
+    torch.manual_seed(0)
+    model = vit("vit_demo", 32, 4, drop_path_rate=0.5)
+    x = torch.randn(8, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.train()
+        a, b = model(x), model(x)
+    assert not torch.allclose(a, b)
+    rates = [blk.drop_path for blk in model.blocks]
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.5)
+
+
+def test_student_and_teacher():
+    cfg = build_config("demo")
+    student, teacher = build_student_teacher(cfg)
+    assert all(b.drop_path == 0 for b in teacher.backbone.blocks)
+    assert student.backbone.blocks[-1].drop_path == pytest.approx(cfg.model.drop_path_rate)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for (n1, p1), (n2, p2) in zip(student.named_parameters(), teacher.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    g = torch.randn(4, 3, 32, 32)
+    local = torch.randn(6, 3, 16, 16)
+    masks = torch.rand(4, 64) < 0.3
+    cls, patch = student(g, masks, local)
+    assert cls.shape == (10, cfg.model.out_dim) and patch.shape == (4, 64, cfg.model.patch_out_dim)
+    cls, patch = teacher(g)
+    assert cls.shape == (4, cfg.model.out_dim)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_head_last_layers(shared, norm_last_layer):
+    head = IBOTHead(32, out_dim=50, patch_out_dim=50 if shared else 40, hidden_dim=64,
+                    bottleneck_dim=16, shared_head=shared, norm_last_layer=norm_last_layer)
+    assert (head.last_layer2 is head.last_layer) == shared
+    assert head.last_layer.weight_g.requires_grad == (not norm_last_layer)
+    assert torch.equal(head.last_layer.weight_g, torch.ones(50, 1))
+    cls, patch = head(torch.randn(2, 5, 32))
+    assert cls.shape == (2, 50) and patch.shape == (2, 4, 50 if shared else 40)
+    # weight-normalised rows have norm g
+    w = head.last_layer.weight()
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(50))
+    # the bottleneck features are unit vectors
+    torch.testing.assert_close(head.features(torch.randn(3, 32)).norm(dim=-1), torch.ones(3))
+    names = [n for n, _ in head.named_parameters()]
+    assert ("last_layer2.weight_v" in names) == (not shared)

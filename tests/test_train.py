@@ -1,0 +1,170 @@
+"""The training loop: EMA, frozen last layer, resume, non-finite steps, pre-emption."""
+import os
+import signal
+
+import pytest
+import torch
+
+from ibot_fast import UserError, checkpoint
+from ibot_fast.config import build_config
+from ibot_fast.train import Trainer, TrainingDiverged, main
+
+
+def tiny_config(tmp_path, *extra, impl="reference"):
+    """A small model on 24 synthetic images: 3 iterations per epoch at batch 8."""
+    return build_config("demo", [
+        "data.source=synthetic", "data.synthetic_size=24", "data.num_workers=0",
+        "data.n_local=2", "train.batch_size=8", "train.epochs=3", "train.log_every=1",
+        "model.out_dim=128", "model.patch_out_dim=128", "model.head_hidden_dim=64",
+        "model.head_bottleneck_dim=32", "optim.warmup_epochs=1", f"train.impl={impl}",
+        f"train.output_dir={tmp_path}", *extra])
+
+
+def params(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_one_step_moves_teacher_by_ema(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "optim.freeze_last_layer=0"))
+    teacher_before = params(trainer.teacher)
+    trainer.loader.set_epoch(0)
+    batch = next(iter(trainer.loader))
+    trainer.train_step(batch, 0, 0)
+    # first iteration of warm-up has lr 0: take the second one
+    trainer.train_step(batch, 1, 0)
+    teacher_mid = params(trainer.teacher)
+    student_before = params(trainer.student_module)
+    trainer.train_step(batch, 2, 0)
+    m = trainer.sched.momentum[2]
+    student_after = params(trainer.student_module)
+    moved = 0
+    for name, t_after in params(trainer.teacher).items():
+        expected = teacher_mid[name] + (1 - m) * (student_after[name] - teacher_mid[name])
+        torch.testing.assert_close(t_after, expected, rtol=0, atol=1e-6)
+        moved += int(not torch.equal(student_after[name], student_before[name]))
+    assert moved > 10
+    assert any(not torch.equal(teacher_before[n], p) for n, p in params(trainer.teacher).items())
+
+
+def test_last_layer_frozen_during_first_epoch(tmp_path):
+    cfg = tiny_config(tmp_path, "optim.freeze_last_layer=1", "train.stop_at_iter=5")
+    trainer = Trainer(cfg)
+    before = params(trainer.student_module)
+    trainer.loader.set_epoch(0)
+    for it, batch in enumerate(trainer.loader):
+        trainer.train_step(batch, it, 0)
+    after = params(trainer.student_module)
+    for name in before:
+        if "last_layer" in name:
+            assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["head.mlp.0.weight"], after["head.mlp.0.weight"])
+    # in epoch 1 the last layer trains
+    for it, batch in enumerate(trainer.loader):
+        trainer.train_step(batch, 3 + it, 1)
+    assert not torch.equal(before["head.last_layer.weight_v"],
+                           trainer.student_module.head.last_layer.weight_v)
+
+
+def run(cfg, resume=None):
+    trainer = Trainer(cfg, resume)
+    result = trainer.run()
+    return trainer, result
+
+
+@pytest.mark.parametrize("impl", ["reference"])
+def test_resume_is_bit_exact(tmp_path, impl):
+    straight, _ = run(tiny_config(tmp_path / "a", "train.stop_at_iter=5", impl=impl))
+    run(tiny_config(tmp_path / "b", "train.stop_at_iter=2", impl=impl))
+    resumed, result = run(tiny_config(tmp_path / "b", "train.stop_at_iter=5", impl=impl),
+                          resume="auto")
+    assert result["iteration"] == 5 and resumed.epoch == 1
+    for a, b in ((straight.student_module, resumed.student_module),
+                 (straight.teacher, resumed.teacher)):
+        for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(pa, pb), name
+    assert torch.equal(straight.loss.center, resumed.loss.center)
+    assert torch.equal(straight.loss.center2, resumed.loss.center2)
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for k in sa:
+        assert torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"])
+
+
+def test_checkpoint_contents_and_config(tmp_path):
+    trainer, result = run(tiny_config(tmp_path, "train.stop_at_iter=2"))
+    assert result["status"] == "stopped"
+    ckpt = checkpoint.load(tmp_path / "checkpoint.pth")
+    for key in ("student", "teacher", "optimizer", "loss", "scaler", "epoch", "iteration",
+                "config", "rng", "counters"):
+        assert key in ckpt
+    assert ckpt["iteration"] == 2 and "center" in ckpt["loss"]
+    assert (tmp_path / "config.json").exists() and (tmp_path / "log.jsonl").exists()
+    assert not list(tmp_path.glob(".*.tmp*"))  # the atomic write left no temporary file
+
+
+def test_resume_other_architecture_is_one_line_error(tmp_path):
+    run(tiny_config(tmp_path, "train.stop_at_iter=1"))
+    with pytest.raises(UserError, match="another model: model.out_dim=128"):
+        Trainer(tiny_config(tmp_path, "model.out_dim=256", "model.patch_out_dim=256"),
+                resume="auto")
+    with pytest.raises(UserError, match="no checkpoint"):
+        Trainer(tiny_config(tmp_path / "nothing"), resume="auto")
+
+
+def test_non_finite_loss_is_skipped_then_aborts(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "train.max_nonfinite=3", impl="fast")
+    trainer = Trainer(cfg)
+    real_forward = trainer.loss.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 2:  # from the second step on, the loss is NaN
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(trainer.loss, "forward", poisoned)
+    trainer.loader.set_epoch(0)
+    batches = list(trainer.loader)
+    trainer.train_step(batches[0], 1, 1)
+    before = params(trainer.student_module)
+    trainer.train_step(batches[1], 2, 1)
+    assert all(torch.equal(before[n], p) for n, p in params(trainer.student_module).items())
+    assert int(trainer.nonfinite_total) == 1
+    with pytest.raises(TrainingDiverged, match="non-finite losses in a row"):
+        trainer.run()
+    assert (tmp_path / "checkpoint.pth").exists()
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    cfg = tiny_config(tmp_path)
+    trainer = Trainer(cfg)
+    real_step = trainer.train_step
+
+    def step_then_signal(batch, it, epoch):
+        out = real_step(batch, it, epoch)
+        if it == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    trainer.train_step = step_then_signal
+    result = trainer.run()
+    assert result["status"] == "preempted" and result["iteration"] == 2
+    ckpt = checkpoint.load(tmp_path / "checkpoint.pth")
+    assert ckpt["iteration"] == 2
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler) or \
+        callable(signal.getsignal(signal.SIGTERM))
+    resumed, result = run(tiny_config(tmp_path, "train.stop_at_iter=4"), resume="auto")
+    assert result["iteration"] == 4
+
+
+def test_main_prints_one_line_errors(tmp_path, capsys):
+    assert main(["--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["--preset", "demo", "train.bach_size=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.bach_size'" in err and "train.batch_size" in err
+    assert main(["--preset", "demo", "--data", str(tmp_path / "none"),
+                 f"train.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not exist" in err and len(err.splitlines()) == 1
