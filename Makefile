@@ -1,8 +1,9 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create/refresh .venv, install, pre-train on the embedded digits, print k-NN
 #   make test   create/refresh .venv, install, run the test suite
-# Without a GPU the CPU build of torch is installed (TORCH=torch==2.13.0); with one, the
-# CUDA build from the default index. Override: make test TORCH="torch==2.11.0".
+# Without a GPU the CPU build of torch is installed (torch==2.13.0, with triton==3.6.0, the
+# release the GPU machines run, for the interpreter); with one, the CUDA build from the
+# default index. Override: make test TORCH="torch==2.11.0 triton==3.6.0".
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,7 @@ ifeq ($(HAS_GPU),yes)
 TORCH ?= torch
 EXTRAS ?= dev,gpu
 else
-TORCH ?= torch==2.13.0
+TORCH ?= torch==2.13.0 triton==3.6.0
 EXTRAS ?= dev,dali
 endif
 
@@ -23,7 +24,7 @@ endif
 $(VENV)/.installed: setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing into $(VENV) (gpu: $(HAS_GPU), torch: $(TORCH))"
-	$(PIP) install "$(TORCH)"
+	$(PIP) install $(TORCH)
 	$(PIP) install -e ".[$(EXTRAS)]"
 	@touch $@
 

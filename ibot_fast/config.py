@@ -39,8 +39,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits (embedded) | folder (ImageFolder at data.path) | synthetic
-    path: str = ""  # ImageFolder root (class sub-folders; labels used only by evaluation)
+    source: str = "digits"  # digits (embedded) | folder | webdataset | synthetic
+    path: str = ""  # folder: ImageFolder root; webdataset: shards (folder, glob, a{00..99}.tar)
     pipeline: str = "cpu"  # cpu | dali | auto (auto = DALI when installed and a GPU is present)
     global_size: int = 224  # global crop side (px)
     local_size: int = 96  # local crop side (px)
@@ -77,6 +77,7 @@ class LossConfig:
     lambda1: float = 1.0  # weight of the CLS (DINO) term
     lambda2: float = 1.0  # weight of the patch (MIM) term
     center2_from: str = "all"  # all (official: teacher head on all patches) | masked (DINOv2)
+    fused_last_layer: bool = False  # fast path: last layer + patch loss in one kernel
 
 
 @dataclass
@@ -92,6 +93,7 @@ class OptimConfig:
     clip_mode: str = "global"  # global (one norm over all parameters) | per_param (official)
     freeze_last_layer: int = 1  # epochs during which the last layer's gradients are dropped
     momentum_teacher: float = 0.996  # teacher EMA momentum, cosine to 1
+    fuse_ema: bool = False  # fast path: AdamW step and teacher EMA in one Triton pass
 
 
 @dataclass
@@ -262,7 +264,7 @@ def build_config(preset: str = None, overrides=()) -> Config:
 _CHOICES = {
     "model.arch": ("vit_demo", "vit_small", "vit_base", "vit_large"),
     "model.attention": ("auto", "xformers", "sdpa", "math"),
-    "data.source": ("digits", "folder", "synthetic"),
+    "data.source": ("digits", "folder", "webdataset", "synthetic"),
     "data.pipeline": ("cpu", "dali", "auto"),
     "masks.sampler": ("iid", "stratified"),
     "loss.center2_from": ("all", "masked"),
@@ -293,8 +295,9 @@ def validate(cfg: Config) -> None:
     for r, v in zip(cfg.masks.pred_ratio, cfg.masks.pred_ratio_var):
         if not 0 <= r - v <= r + v <= 1:
             raise UserError(f"mask ratio {r} +- {v} leaves [0, 1]")
-    if cfg.data.source == "folder" and not cfg.data.path:
-        raise UserError("data.source=folder needs a path: pass --data PATH (an ImageFolder tree)")
+    if cfg.data.source in ("folder", "webdataset") and not cfg.data.path:
+        raise UserError(f"data.source={cfg.data.source} needs a path: pass --data PATH (an "
+                        "ImageFolder tree, or webdataset .tar shards)")
     if cfg.data.n_local < 0 or cfg.train.batch_size < 1 or cfg.train.epochs < 1:
         raise UserError("data.n_local must be >= 0, train.batch_size and train.epochs >= 1")
 

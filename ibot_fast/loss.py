@@ -91,6 +91,40 @@ class IBOTLoss(nn.Module):
                            teacher_patch.shape[0])
         return {"loss": cls + patch, "cls": cls, "patch": patch}
 
+    def forward_masked(self, student_cls, student_patch, teacher_cls, teacher_patch,
+                       row_weight, n_rows, epoch, patch_sum=None, last_layers=None):
+        """The fast path's loss on the masked rows only (same terms as `forward`).
+
+        student_cls [(2+L)B, K], teacher_cls [2B, K]; student_patch / teacher_patch [M, K2]
+        logits of the masked rows (the same rows for both), or with `last_layers` their
+        bottleneck features [M, D]; row_weight [M] (`MaskedRows.weight`: 0 on padding);
+        n_rows the number of real rows. center2 is updated from `patch_sum` (sum over the
+        2B crops of the mean teacher patch logit, center2_from=all) when given, else from
+        the teacher rows themselves (center2_from=masked, a mean over masked tokens).
+        last_layers: ((v_s, g_s), (v_t, g_t)) of the student's and teacher's last_layer2
+        for the fused last layer + loss kernel (`ibot_fast.kernels.fused_head_ce`).
+        """
+        from ibot_fast.kernels import centered_softmax_ce_and_colsum, fused_head_ce
+
+        self.finish_center_update()
+        tt, tt2 = self.teacher_temp(epoch), self.teacher_patch_temp(epoch)
+        cls = self.lambda1 * self._cls_loss_fast(student_cls, teacher_cls, tt)
+        if last_layers is None:
+            rows, colsum = centered_softmax_ce_and_colsum(
+                student_patch, teacher_patch.detach(), self.center2, self.student_temp, tt2,
+                weight=row_weight)
+        else:
+            (v_s, g_s), (v_t, g_t) = last_layers
+            rows, colsum = fused_head_ce(student_patch, v_s, g_s, teacher_patch.detach(),
+                                         v_t.detach(), g_t.detach(), self.center2,
+                                         self.student_temp, tt2, weight=row_weight)
+        patch = self.lambda2 * rows.sum()
+        if patch_sum is None:
+            self.update_center(teacher_cls, colsum, n_rows)
+        else:
+            self.update_center(teacher_cls, patch_sum, teacher_cls.shape[0])
+        return {"loss": cls + patch, "cls": cls, "patch": patch}
+
     def _cls_loss_reference(self, student_cls, teacher_cls, tt):
         """Official eager formula: mean over the (2 x (n_crops - 1)) CLS terms."""
         s = (_fp32(student_cls) / self.student_temp).chunk(self.n_crops)
@@ -125,7 +159,10 @@ class IBOTLoss(nn.Module):
         pairs = [(q, v) for q in range(N_GLOBAL) for v in range(self.n_crops) if v != q]
         s_rows = torch.cat([student_cls[v * B:(v + 1) * B] for _, v in pairs])
         t_rows = torch.cat([teacher_cls[q * B:(q + 1) * B] for q, _ in pairs])
-        rows = centered_softmax_ce(s_rows, t_rows.detach(), self.center, self.student_temp, tt)
+        # s_rows is a fresh buffer read by nothing else: the kernel may write the gradient
+        # into it during the forward (no separate gradient buffer, teacher rows freed)
+        rows = centered_softmax_ce(s_rows, t_rows.detach(), self.center, self.student_temp, tt,
+                                   inplace_grad=True)
         return rows.sum() / (B * len(pairs))
 
     def _patch_loss_fast(self, student_patch, teacher_patch, masks, tt2):

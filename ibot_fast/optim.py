@@ -54,8 +54,12 @@ def last_layer_params(model: torch.nn.Module):
 
 
 def cancel_last_layer_grads(params) -> None:
-    """Official `cancel_gradients_last_layer`: drop the gradients, so AdamW skips them."""
+    """Official `cancel_gradients_last_layer`: drop the gradients, so AdamW skips them.
+    They are zeroed first: with flat buffers the storage stays and must not count in the
+    gradient norm."""
     for p in params:
+        if p.grad is not None:
+            p.grad.zero_()
         p.grad = None
 
 
@@ -82,3 +86,108 @@ def ema_loop_(teacher: torch.nn.Module, student: torch.nn.Module, m: float) -> N
     """The official teacher update, one parameter at a time: t <- m t + (1 - m) s."""
     for ps, pt in zip(student.parameters(), teacher.parameters()):
         pt.data.mul_(m).add_((1 - m) * ps.detach().data)
+
+
+def flat_group(name: str, param: torch.Tensor) -> str:
+    """Flat-buffer segments for the fast path: the official weight-decay groups, with the
+    head's last layer(s) in segments of their own (they are frozen in the first epoch)."""
+    from .flat import default_group
+
+    return ("last_" if "last_layer" in name else "") + default_group(name, param)
+
+
+class AdamWEMA(torch.optim.Optimizer):
+    """AdamW on the flat student and the teacher EMA in one pass per flat segment
+    (`ibot_fast.kernels.adamw_ema_`): reads gradient, moments, parameter and teacher once.
+
+    Parameter groups are torch AdamW's (group 0 with the scheduled weight decay, group 1
+    without). The moments live in flat buffers with the student's layout and the step
+    counts per segment; `state_dict` / `load_state_dict` speak torch AdamW's format, so a
+    checkpoint moves between this optimizer and `torch.optim.AdamW` in both directions.
+    Set `momentum` (teacher EMA), `frozen_last_layer`, and optionally `grad_scale` (the
+    clipping coefficient, a device scalar) and `found_inf` before each `step()`.
+    """
+
+    def __init__(self, groups, flat_student, flat_teacher, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0):
+        super().__init__(groups, dict(lr=0.0, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay))
+        self.flat, self.teacher = flat_student, flat_teacher
+        self.exp_avg, self.exp_avg_sq = flat_student.zeros_like(), flat_student.zeros_like()
+        device = next(iter(flat_student.data.values())).device
+        self.steps = {seg: torch.zeros((), device=device) for seg in flat_student.segments}
+        self.momentum, self.frozen_last_layer = 0.0, False
+        self.grad_scale, self.found_inf = None, None
+        names = {id(p): n for n, p in flat_student.module.named_parameters()}
+        self._names = [[names[id(p)] for p in g["params"]] for g in self.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from ibot_fast.kernels.adamw_ema import adamw_ema_
+        from ibot_fast.kernels.ema import ema_
+
+        lr = self.param_groups[0]["lr"]
+        beta1, beta2 = self.param_groups[0]["betas"]
+        for seg in self.flat.segments:
+            teacher = seg.of(self.teacher.data)
+            kind = seg.group.replace("last_", "")
+            if kind == "frozen":  # no gradient ever (g under norm_last_layer): EMA only
+                ema_(teacher, seg.of(self.flat.data), self.momentum)
+                continue
+            wd = self.param_groups[0 if kind == "decay" else 1]["weight_decay"]
+            adamw_ema_(seg.of(self.flat.data), seg.of(self.flat.grad), seg.of(self.exp_avg),
+                       seg.of(self.exp_avg_sq), teacher, self.steps[seg], lr=lr,
+                       weight_decay=wd, momentum=self.momentum, beta1=beta1, beta2=beta2,
+                       eps=self.param_groups[0]["eps"], grad_scale=self.grad_scale,
+                       found_inf=self.found_inf,
+                       frozen=self.frozen_last_layer and seg.group.startswith("last_"))
+
+    def _slots(self):
+        """(index in torch AdamW's state numbering, slot, segment) per optimised param."""
+        slot_of = {s.name: s for s in self.flat.slots}
+        seg_of = {name: seg for seg in self.flat.segments for name in seg.names}
+        out, i = [], 0
+        for names in self._names:
+            for name in names:
+                out.append((i, slot_of[name], seg_of[name]))
+                i += 1
+        return out
+
+    def state_dict(self):
+        state = {}
+        for i, slot, seg in self._slots():
+            step = self.steps[seg]
+            if float(step) == 0:
+                continue  # torch AdamW has no state for a parameter it never updated
+            view = slice(slot.offset, slot.offset + slot.numel)
+            state[i] = {"step": step.detach().clone().cpu(),
+                        "exp_avg": self.exp_avg[slot.dtype][view].view(slot.shape).clone(),
+                        "exp_avg_sq": self.exp_avg_sq[slot.dtype][view].view(slot.shape).clone()}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        i = 0
+        for g, gs in zip(self.param_groups, groups):
+            gs["params"] = list(range(i, i + len(g["params"])))
+            i += len(g["params"])
+        return {"state": state, "param_groups": groups}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict):
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("optimizer state has other parameter groups than this model")
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k in ("lr", "weight_decay",
+                                                                 "betas", "eps")})
+        state = {int(k): v for k, v in state_dict["state"].items()}
+        seen = {}
+        for i, slot, seg in self._slots():
+            view = slice(slot.offset, slot.offset + slot.numel)
+            s = state.get(i)
+            step = float(s["step"]) if s is not None else 0.0
+            if seen.setdefault(seg, step) != step:
+                raise ValueError(f"parameters of segment {seg.group} have different step "
+                                 "counts: this optimizer keeps one per segment")
+            for key, buf in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                buf[slot.dtype][view].copy_(s[key].reshape(-1) if s is not None else 0)
+        for seg, step in seen.items():
+            self.steps[seg].fill_(step)

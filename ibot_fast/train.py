@@ -32,14 +32,21 @@ from . import UserError, checkpoint, dist
 from .config import build_config, derived, to_dict
 from .data import build_train_loader
 from .logger import JsonLog, ProgressBar, setup_logging
+from .flat import FlatParams, ema_flat_
 from .loss import build_loss
-from .models import build_student_teacher
+from .masking import buffer_rows, sampler_from_config
+from .models import ARCHS, MaskedRows, build_student_teacher
 from .models.attention import resolve_backend
-from .optim import (build_optimizer, cancel_last_layer_grads, clip_gradients, ema_loop_,
-                    last_layer_params, set_hyperparameters)
+from .optim import (AdamWEMA, build_optimizer, cancel_last_layer_grads, clip_gradients,
+                    ema_loop_, flat_group, last_layer_params, param_groups,
+                    set_hyperparameters)
 from .schedules import build_schedules
 
 log = logging.getLogger("ibot_fast")
+
+# Named ranges for the profiler (benchmarks/bench_train.py reads the per-phase times);
+# a few microseconds per step when no profiler is running.
+phase = torch.profiler.record_function
 
 
 class TrainingDiverged(UserError):
@@ -53,7 +60,8 @@ def get_args_parser():
     p.add_argument("--preset", default=None,
                    help="demo | vit_small_16_paper | vit_base_16_paper | vit_large_16_paper")
     p.add_argument("--data", default=None,
-                   help="ImageFolder root (sets data.source=folder, data.path=PATH)")
+                   help="ImageFolder root, or webdataset shards (x.tar, a glob, "
+                   "train-{0000..0146}.tar): sets data.source and data.path")
     p.add_argument("--output-dir", default=None, help="sets train.output_dir")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from <output_dir>/checkpoint.pth, or from the given path")
@@ -64,7 +72,9 @@ def get_args_parser():
 def config_from_args(args):
     overrides = list(args.overrides)
     if args.data:
-        overrides += ["data.source=folder", f"data.path={args.data}"]
+        shards = args.data.endswith(".tar") or "{" in args.data or "*.tar" in args.data
+        overrides += [f"data.source={'webdataset' if shards else 'folder'}",
+                      f"data.path={args.data}"]
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     return build_config(args.preset, overrides)
@@ -80,27 +90,52 @@ class Trainer:
         self.derived = derived(cfg, self.world_size)
         self.precision = self._resolve_precision()
         self.fast = cfg.train.impl == "fast"
-        backend = resolve_backend(cfg.model.attention, self.device)
+        arch = ARCHS[cfg.model.arch]
+        backend = resolve_backend(cfg.model.attention, self.device, arch["heads"],
+                                  arch["dim"] // arch["heads"])
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every process
         student, teacher = build_student_teacher(cfg, backend)
         self.student_module = student.to(self.device)
         self.teacher = teacher.to(self.device)
+        self.flat_student = self.flat_teacher = None
+        if self.fast:  # parameters as views into flat buffers: one-launch EMA / clipping
+            self.flat_student = FlatParams(self.student_module, flat_group)
+            self.flat_teacher = FlatParams(self.teacher, like=self.flat_student, grads=False)
         self.student = self.student_module
         if self.world_size > 1:
             self.student = torch.nn.parallel.DistributedDataParallel(
                 self.student_module, device_ids=[self.device] if self.device.type == "cuda"
                 else None, broadcast_buffers=False)
+        if cfg.train.compile:  # the student's forward (inside DDP) and the teacher's
+            self.student = torch.compile(self.student)
+            self.teacher.forward_teacher_masked = torch.compile(self.teacher.forward_teacher_masked)
+            self.teacher.forward = torch.compile(self.teacher.forward)
         torch.manual_seed(cfg.train.seed + self.rank)  # stochastic depth differs by process
 
         self.loss = build_loss(cfg).to(self.device)
-        self.optimizer = build_optimizer(cfg, self.student_module,
-                                         fused=self.fast and cfg.optim.name == "adamw")
+        self.fuse_ema = self.fast and cfg.optim.fuse_ema
+        if self.fuse_ema:
+            if cfg.optim.name != "adamw" or self.precision == "fp16":
+                raise UserError("optim.fuse_ema=true needs optim.name=adamw and bf16/fp32")
+            self.optimizer = AdamWEMA(param_groups(self.student_module), self.flat_student,
+                                      self.flat_teacher, cfg.optim.betas,
+                                      weight_decay=cfg.optim.weight_decay)
+        else:
+            self.optimizer = build_optimizer(cfg, self.student_module,
+                                             fused=self.fast and cfg.optim.name == "adamw")
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.last_layer = last_layer_params(self.student_module)
         self.student_params = [p for p in self.student_module.parameters() if p.requires_grad]
 
-        self.loader = build_train_loader(cfg, self.world_size, self.rank, device=self.device)
+        self.mask_rows = None  # fast path: rows of the masked-token buffer (static shape)
+        if self.fast:
+            grid = self.derived["grid"]
+            sampler = sampler_from_config(cfg.masks, grid) if cfg.masks.enabled else None
+            n_crops = 2 * cfg.train.batch_size
+            self.mask_rows = buffer_rows(sampler, n_crops) if sampler else 64
+        self.loader = build_train_loader(cfg, self.world_size, self.rank, self.mask_rows,
+                                         device=self.device)
         self.iters_per_epoch = self.loader.batches_per_epoch
         self.sched = build_schedules(cfg, self.iters_per_epoch, self.derived["lr"])
 
@@ -138,35 +173,77 @@ class Trainer:
     def train_step(self, batch, it: int, epoch: int) -> dict:
         hp = self.sched.at(it)
         set_hyperparameters(self.optimizer, hp["lr"], hp["wd"])
-        global_crops = batch["globals"].to(self.device, non_blocking=True)
-        local_crops = batch["locals"].to(self.device, non_blocking=True)
-        masks = batch["masks"].to(self.device, non_blocking=True)
-
-        with self.autocast():
-            with torch.no_grad():
-                teacher_cls, teacher_patch = self.teacher(global_crops)
-            student_cls, student_patch = self.student(global_crops, masks, local_crops)
-        losses = self.loss(student_cls.float(), student_patch.float(), teacher_cls.float(),
-                           teacher_patch.float(), masks, epoch)
-
-        self.backward_and_step(losses["loss"], epoch)
-        self.update_teacher(hp["momentum"])
+        with phase("data"):
+            global_crops, local_crops, masks = (batch[k].to(self.device, non_blocking=True)
+                                                for k in ("globals", "locals", "masks"))
+        if self.fast:
+            losses = self.forward_masked(batch, global_crops, local_crops, masks, epoch)
+        else:
+            losses = self.forward_full(global_crops, local_crops, masks, epoch)
+        self.backward_and_step(losses["loss"], epoch, hp["momentum"])
+        if not self.fuse_ema:
+            with phase("ema"):
+                self.update_teacher(hp["momentum"])
         return losses
 
-    def backward_and_step(self, loss: torch.Tensor, epoch: int) -> None:
+    def forward_full(self, global_crops, local_crops, masks, epoch) -> dict:
+        """Official path: heads on every token, eager loss."""
+        with self.autocast():
+            with phase("teacher"), torch.no_grad():
+                teacher_cls, teacher_patch = self.teacher(global_crops)
+            with phase("student"):
+                student_cls, student_patch = self.student(global_crops, masks, local_crops)
+        with phase("loss"):
+            return self.loss(student_cls, student_patch, teacher_cls, teacher_patch, masks,
+                             epoch)
+
+    def forward_masked(self, batch, global_crops, local_crops, masks, epoch) -> dict:
+        """Fast path: the heads see [CLS tokens ; masked patch tokens] only (issue 4)."""
+        count = batch["mask_count"]
+        masked = MaskedRows.from_masks(masks, batch["mask_index"].to(self.device), count,
+                                       batch["mask_index"].numel())
+        fused = self.cfg.loss.fused_last_layer
+        with self.autocast():
+            with phase("teacher"):
+                teacher_cls, teacher_patch, patch_sum = self.teacher.forward_teacher_masked(
+                    global_crops, masked, self.cfg.loss.center2_from, patch_features=fused)
+            with phase("student"):
+                student_cls, student_patch = self.student(global_crops, masks, local_crops,
+                                                          masked=masked, patch_features=fused)
+        last_layers = None
+        if fused:
+            s_last = self.student_module.head.last_layer2
+            t_last = self.teacher.head.last_layer2
+            last_layers = ((s_last.weight_v, s_last.weight_g), (t_last.weight_v, t_last.weight_g))
+        with phase("loss"):
+            return self.loss.forward_masked(student_cls, student_patch, teacher_cls,
+                                            teacher_patch, masked.weight, count, epoch,
+                                            patch_sum, last_layers)
+
+    def backward_and_step(self, loss: torch.Tensor, epoch: int, momentum: float) -> None:
         """Backward, drop frozen last-layer grads, clip, and step unless non-finite."""
-        self.optimizer.zero_grad(set_to_none=True)
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-        if epoch < self.cfg.optim.freeze_last_layer:
+        frozen = epoch < self.cfg.optim.freeze_last_layer
+        if self.flat_student is not None:
+            self.flat_student.zero_grad()  # keeps .grad as views into the flat buffer
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        with phase("backward"):
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        with phase("optimizer"):
+            self.clip_and_step(loss, frozen, momentum)
+
+    def clip_and_step(self, loss: torch.Tensor, frozen: bool, momentum: float) -> None:
+        if frozen:
             cancel_last_layer_grads(self.last_layer)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.zeros((), device=self.device)
-        if self.cfg.optim.clip_grad > 0:
-            grad_norm = clip_gradients(self.student_params, self.cfg.optim.clip_grad,
-                                       self.cfg.optim.clip_mode)
+        grad_norm = self.clip_gradients()
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
-        if self.scaler:  # GradScaler skips steps with inf/nan gradients itself
+        if self.fuse_ema:  # AdamW + EMA in one pass; clipping folded in as grad_scale
+            self.optimizer.momentum, self.optimizer.frozen_last_layer = momentum, frozen
+            self.optimizer.found_inf = bad.float()
+            self.optimizer.step()
+        elif self.scaler:  # GradScaler skips steps with inf/nan gradients itself
             self.scaler.step(self.optimizer)
             self.scaler.update()
         elif getattr(self.optimizer, "_step_supports_amp_scaling", False):
@@ -179,15 +256,33 @@ class Trainer:
         self.nonfinite_run = (self.nonfinite_run + 1) * bad
         self.nonfinite_max_run = torch.maximum(self.nonfinite_max_run, self.nonfinite_run)
 
+    def clip_gradients(self) -> torch.Tensor:
+        """Global-norm (or official per-parameter) clipping; returns the norm, no sync.
+
+        Flat buffers: one norm and one scale per buffer; with the fused AdamW + EMA step
+        the scale is not applied here but read by the kernel (`grad_scale`).
+        """
+        o = self.cfg.optim
+        if o.clip_grad <= 0:
+            return torch.zeros((), device=self.device)
+        if self.flat_student is None or o.clip_mode != "global":
+            return clip_gradients(self.student_params, o.clip_grad, o.clip_mode)
+        grads = list(self.flat_student.grad.values())
+        norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))
+        scale = torch.clamp(o.clip_grad / (norm + 1e-6), max=1.0)
+        if self.fuse_ema:
+            self.optimizer.grad_scale = scale
+        else:
+            for g in grads:
+                g.mul_(scale.to(g.dtype))
+        return norm
+
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        if self.fast:
-            t = list(self.teacher.parameters())
-            s = list(self.student_module.parameters())
-            torch._foreach_mul_(t, momentum)
-            torch._foreach_add_(t, s, alpha=1 - momentum)
+        if self.flat_teacher is not None:
+            ema_flat_(self.flat_teacher, self.flat_student, momentum)  # one launch per dtype
         else:
-            ema_loop_(self.teacher, self.student_module, momentum)
+            ema_loop_(self.teacher, self.student_module, momentum)  # the official loop
 
     # -- the loop ------------------------------------------------------------------------
 

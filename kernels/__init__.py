@@ -14,6 +14,7 @@ import importlib
 # public name -> module (in this package) that defines it
 _PUBLIC = {
     "centered_softmax_ce": "centered_ce",
+    "centered_softmax_ce_and_colsum": "centered_ce",
     "fused_head_ce": "centered_ce",
     "gather_masked": "masked_gather",
     "ema_": "ema",

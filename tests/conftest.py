@@ -4,6 +4,7 @@ Without a CUDA GPU the Triton kernels run under the interpreter: TRITON_INTERPRE
 be set before Triton is first imported, so it is set here, at collection time. Tests that
 need a GPU carry the `gpu` marker and are skipped without one (a skip proves nothing).
 """
+import importlib
 import os
 
 import pytest
@@ -12,6 +13,16 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The interpreter's tl.dot is numpy's: multi-threaded BLAS on two cores makes it
+    # hundreds of times slower than one thread.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+# Import every kernel now, while TRITON_INTERPRET is what it will stay: a kernel first
+# imported under another setting would be built for the wrong target.
+for _name in ("centered_ce", "masked_gather", "ema", "adamw_ema"):
+    importlib.import_module(f"ibot_fast.kernels.{_name}")
 
 # Two cores on CI: keep torch from oversubscribing them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -29,3 +40,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def twins(monkeypatch):
+    """CPU tensors take the pure-PyTorch twins (e.g. for fp64), even under the interpreter."""
+    import ibot_fast.kernels.utils as utils
+
+    monkeypatch.setattr(utils, "interpreter_on", lambda: False)

@@ -178,3 +178,31 @@ def test_empty_folder_config_is_one_line_error(tmp_path):
     cfg = build_config(None, ["data.source=folder", f"data.path={tmp_path / 'x'}"])
     with pytest.raises(UserError, match="no images"):
         build_train_loader(cfg)
+
+
+def test_webdataset_shards_on_the_cpu_pipeline(tmp_path):
+    """Tar shards (webdataset layout: key.jpg + key.cls) feed the CPU pipeline too."""
+    import io
+    import tarfile
+
+    (tmp_path / "shards").mkdir()
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        with tarfile.open(tmp_path / "shards" / f"train-{s:02d}.tar", "w") as tf:
+            for i in range(4):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+                for ext, data in (("png", buf.getvalue()), ("cls", str(s).encode())):
+                    info = tarfile.TarInfo(f"sample{i}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    cfg = build_config("demo", ["data.source=webdataset",
+                                f"data.path={tmp_path / 'shards' / 'train-{00..01}.tar'}",
+                                "train.batch_size=4", "data.num_workers=0", "data.n_local=1"])
+    loader = build_train_loader(cfg)
+    loader.set_epoch(0)
+    labels = [int(y) for batch in loader for y in batch["labels"]]
+    assert sorted(labels) == [0] * 4 + [1] * 4
+    with pytest.raises(UserError, match="no webdataset shards"):
+        build_train_loader(build_config("demo", ["data.source=webdataset",
+                                                 f"data.path={tmp_path / 'none.tar'}"]))

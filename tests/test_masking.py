@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ibot_fast.masking import (BlockMaskSampler, StratifiedMaskSampler, block_mask,
-                               masked_index, sampler_from_config)
+                               buffer_rows, masked_index, sampler_from_config)
 
 
 def components(mask_row: np.ndarray, grid) -> int:
@@ -121,5 +121,15 @@ def test_masked_index_pads_and_counts():
     flat = masks.reshape(-1).nonzero().squeeze(1)
     assert count == flat.numel() and torch.equal(index[:count], flat)
     assert (index[count:] == 0).all()
-    with pytest.raises(ValueError):
-        masked_index(torch.ones(4, 10, dtype=torch.bool), rows=5)
+    grown, count = masked_index(torch.ones(4, 100, dtype=torch.bool), rows=5)
+    assert count == 400 and grown.numel() == 448  # overflow: rounded up to 64
+
+
+def test_buffer_rows_bounds_the_iid_total():
+    sampler = BlockMaskSampler(grid_size=(14, 14), seed=0)
+    rows = buffer_rows(sampler, 256)
+    assert rows % 64 == 0 and 7500 < rows < 12000
+    totals = [int(sampler(256).sum()) for _ in range(30)]
+    assert max(totals) < rows
+    strat = StratifiedMaskSampler(grid_size=(14, 14))
+    assert buffer_rows(strat, 256) == strat.total(256)

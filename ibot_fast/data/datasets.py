@@ -1,16 +1,24 @@
-"""Image sources: the embedded digits, ImageFolder trees, and synthetic images.
+"""Image sources: the embedded digits, ImageFolder trees, webdataset tar shards, and
+synthetic images.
 
 Each dataset returns `(PIL RGB image, label)` from `load(i)`; reading errors raise
 `BadImage`, which the multi-crop wrapper counts and skips. Labels are used only by
 evaluation.
 """
+import glob
+import io
+import logging
 import os
+import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .. import UserError
+
+log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -102,6 +110,135 @@ def _walk_images(folder: Path, recursive: bool = True):
             for f in files if f.lower().endswith(IMG_EXTENSIONS)]
 
 
+def expand_shards(spec: str):
+    """Shard paths from a spec: brace ranges ("train-{0000..0146}.tar"), globs, folders (all
+    their .tar files), several specs separated by commas or spaces. Sorted, de-duplicated."""
+    paths = []
+    for part in re.split(r"[,\s]+", spec.strip()):
+        if not part:
+            continue
+        for item in _expand_braces(os.path.expanduser(part)):
+            if os.path.isdir(item):
+                paths += sorted(glob.glob(os.path.join(item, "*.tar")))
+            else:
+                paths += sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+    return list(dict.fromkeys(paths))
+
+
+def _expand_braces(text: str):
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", text)
+    if not m:
+        return [text]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo) if lo.startswith("0") else 0
+    return [x for i in range(int(lo), int(hi) + 1)
+            for x in _expand_braces(text[:m.start()] + str(i).zfill(width) + text[m.end():])]
+
+
+class TarShards:
+    """Webdataset tar shards as a random-access list of images.
+
+    A sample is the group of members that share a key (the path up to the first dot of the
+    file name); its image is the first member with an image extension, its label the
+    integer in a `.cls` member (0 without one). The index (shard, offset, size) comes
+    from one pass over the tar headers; reads are `os.pread` on a descriptor opened once
+    per process. Unreadable shards are skipped with a warning.
+    """
+
+    IMAGE_EXT = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
+
+    def __init__(self, spec: str):
+        self.classes = None  # labels come from the .cls members
+        self.paths = expand_shards(spec)
+        missing = [p for p in self.paths if not os.path.isfile(p)]
+        if len(missing) == len(self.paths):
+            raise UserError(f"no webdataset shards (.tar) match {spec!r}: set data.path to a "
+                            "folder of shards, a glob or a brace pattern like "
+                            "train-{0000..0146}.tar")
+        if missing:
+            raise UserError(f"{len(missing)} of the {len(self.paths)} webdataset shards of "
+                            f"{spec!r} do not exist (first: {missing[0]})")
+        rows, targets, self.names = [], [], []
+        for shard, path in enumerate(self.paths):
+            for offset, size, label, name in self._scan(path):
+                rows.append((shard, offset, size))
+                targets.append(label)
+                self.names.append(name)
+        if not rows:
+            raise UserError(f"no images ({', '.join(self.IMAGE_EXT)}) found in the "
+                            f"{len(self.paths)} webdataset shard(s) of {spec!r}")
+        self.index = np.array(rows, dtype=np.int64)
+        self.targets = np.array(targets, dtype=np.int64)
+        self._fds, self._pid = {}, None
+
+    def _scan(self, path):
+        out = []
+        try:
+            with tarfile.open(path, "r:") as tf:
+                groups = {}
+                for member in tf:
+                    if not member.isfile():
+                        continue
+                    folder, base = os.path.split(member.name)
+                    stem, _, ext = base.partition(".")
+                    key = os.path.join(folder, stem)
+                    group = groups.setdefault(key, {})
+                    ext = ext.lower()
+                    if ext in self.IMAGE_EXT and "image" not in group:
+                        group["image"] = (member.offset_data, member.size, member.name)
+                    elif ext == "cls":
+                        group["cls"] = tf.extractfile(member).read()
+                for key, group in groups.items():
+                    if "image" in group:
+                        offset, size, name = group["image"]
+                        label = _parse_label(group.get("cls"))
+                        out.append((offset, size, label, f"{path}:{name}"))
+        except (OSError, tarfile.TarError) as e:
+            log.warning("skipping unreadable shard %s (%s: %s); %d images read before the "
+                        "error", path, type(e).__name__, e, len(out))
+        return out
+
+    def __len__(self):
+        return len(self.index)
+
+    def read(self, i: int):
+        shard, offset, size = (int(v) for v in self.index[i])
+        path, name = self.paths[shard], self.names[i]
+        try:
+            data = os.pread(self._fd(path), size, offset)
+        except OSError as e:
+            raise BadImage(f"{name}: {type(e).__name__}: {e}") from None
+        if len(data) != size:
+            raise BadImage(f"{name}: truncated shard ({len(data)} of {size} bytes)")
+        return data, int(self.targets[i]), name
+
+    def _fd(self, path):
+        if self._pid != os.getpid():  # a forked worker opens its own descriptors
+            self._fds, self._pid = {}, os.getpid()
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fds": {}, "_pid": None}
+
+    def load(self, i: int):
+        """(PIL RGB image, label), for the CPU pipeline and evaluation."""
+        data, label, name = self.read(i)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                return img.convert("RGB"), label
+        except Exception as e:
+            raise BadImage(f"{name}: {type(e).__name__}: {e}") from None
+
+
+def _parse_label(raw):
+    try:
+        return int(raw.decode().strip()) if raw is not None else 0
+    except ValueError:
+        return 0
+
+
 class SyntheticDataset:
     """Deterministic random images (smooth colour fields) for benchmarks: no disk reads."""
 
@@ -131,6 +268,8 @@ def build_dataset(cfg, split: str = "train"):
         return DigitsDataset(split, size=d.global_size)
     if d.source == "synthetic":
         return SyntheticDataset(d.synthetic_size, size=max(d.global_size * 8 // 7, 32))
+    if d.source == "webdataset":  # evaluation splits: eval.* keys are not shard-aware yet
+        return TarShards(d.path)
     root = Path(d.path).expanduser()
     sub = {"train": "train", "test": "val"}.get(split)
     if sub and (root / sub).is_dir():

@@ -2,14 +2,23 @@
 
     math      explicit softmax(q k^T / sqrt(d)) v in the input dtype: the reference
     sdpa      torch.nn.functional.scaled_dot_product_attention (flash / cuDNN /
-              memory-efficient kernels on a GPU, chosen by PyTorch)
-    xformers  xformers.ops.memory_efficient_attention (optional; GPU only)
-    auto      the fastest available: xformers or sdpa on a GPU, sdpa on the CPU
+              memory-efficient kernels on a GPU, chosen by PyTorch; math on the CPU)
+    xformers  xformers.ops.memory_efficient_attention (optional; CUDA only)
+    auto      CPU: sdpa. GPU: each available backend is timed once at start-up on a
+              forward + backward of ViT-sized attention (`measure_backends`), the fastest
+              is kept, and the choice and the timings are logged.
 
-All take q, k, v as [B, heads, N, head_dim] and return the same layout.
+Packed sequences (`Seqs`): the student's global crops (197 tokens each at 224 px) and
+local crops (37 tokens at 96 px) travel as one [T, dim] tensor through the LayerNorms,
+linear layers and MLPs, and attention is restricted to each image's own tokens:
+- xformers: one call with a block-diagonal mask (`BlockDiagonalMask.from_seqlens`);
+- sdpa / math: one dense call per group of equal-length sequences (a view of the packed
+  tensor, no mask, no padding): block-diagonal by construction.
 """
 import logging
 import math
+import time
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +26,48 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 BACKENDS = ("math", "sdpa", "xformers")
+
+
+class Seqs:
+    """Groups of equal-length sequences packed back to back: [(count, length), ...]."""
+
+    def __init__(self, groups: List[Tuple[int, int]]):
+        self.groups = [(int(n), int(length)) for n, length in groups if n > 0]
+        self.total = sum(n * length for n, length in self.groups)
+
+    def split(self, x: torch.Tensor):
+        """Per-group views [count, length, ...] of a packed [T, ...] tensor."""
+        out, start = [], 0
+        for n, length in self.groups:
+            out.append(x[start:start + n * length].view(n, length, *x.shape[1:]))
+            start += n * length
+        return out
+
+    def seqlens(self):
+        return [length for n, length in self.groups for _ in range(n)]
+
+    def per_token(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """Expand one value per sequence (in packed order) to one per token."""
+        lengths = torch.tensor([length for n, length in self.groups for _ in range(n)],
+                               device=per_sequence.device)
+        return per_sequence.repeat_interleave(lengths, dim=0)
+
+    def sample(self, keep: float, device):
+        """A random subset of round(count * keep) sequences per group (at least one).
+
+        Returns (token rows [T_sub] int64 into the packed tensor, the subset's Seqs,
+        scale [T_sub] = count / kept of the row's group) for DINOv2-style stochastic depth.
+        """
+        rows, groups, scales, start = [], [], [], 0
+        for n, length in self.groups:
+            k = max(1, int(round(n * keep)))
+            chosen = torch.randperm(n, device=device)[:k]
+            tokens = (chosen[:, None] * length + torch.arange(length, device=device)).reshape(-1)
+            rows.append(start + tokens)
+            groups.append((k, length))
+            scales.append(torch.full((k * length,), n / k, device=device))
+            start += n * length
+        return torch.cat(rows), Seqs(groups), torch.cat(scales)
 
 
 def math_attention(q, k, v):
@@ -42,6 +93,32 @@ def xformers_attention(q, k, v):
 _FUNCTIONS = {"math": math_attention, "sdpa": sdpa_attention, "xformers": xformers_attention}
 
 
+def attention(q, k, v, backend: str = "math"):
+    """Multi-head attention on [B, heads, N, head_dim] tensors with the named backend."""
+    return _FUNCTIONS[backend](q, k, v)
+
+
+def packed_attention(qkv: torch.Tensor, seqs: Seqs, heads: int, backend: str) -> torch.Tensor:
+    """Attention of packed tokens within their own sequence: qkv [T, 3 * dim] -> [T, dim]."""
+    T, three_dim = qkv.shape
+    dim = three_dim // 3
+    head_dim = dim // heads
+    if backend == "xformers":
+        import xformers.ops as xops
+        from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+        q, k, v = qkv.view(1, T, 3, heads, head_dim).unbind(2)
+        bias = BlockDiagonalMask.from_seqlens(seqs.seqlens())
+        return xops.memory_efficient_attention(q, k, v, attn_bias=bias).reshape(T, dim)
+    outs = []
+    for group in seqs.split(qkv):
+        n, length = group.shape[:2]
+        q, k, v = group.view(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, backend)  # [n, heads, length, head_dim]
+        outs.append(out.transpose(1, 2).reshape(n * length, dim))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
 def xformers_available() -> bool:
     if not torch.cuda.is_available():
         return False
@@ -52,21 +129,44 @@ def xformers_available() -> bool:
         return False
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """Turn 'auto' into a concrete backend for this device and log why."""
+def measure_backends(device: torch.device, heads: int, head_dim: int, candidates,
+                     n_seqs: int = 64, seq_len: int = 197, reps: int = 5) -> dict:
+    """Median ms of a bf16 forward + backward per backend on [n_seqs, heads, seq_len, d]."""
+    times = {}
+    for name in candidates:
+        q, k, v = (torch.randn(n_seqs, heads, seq_len, head_dim, device=device,
+                               dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        try:
+            runs = []
+            for i in range(reps + 2):
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                attention(q, k, v, name).sum().backward()
+                torch.cuda.synchronize(device)
+                if i >= 2:
+                    runs.append((time.perf_counter() - t0) * 1e3)
+            times[name] = sorted(runs)[len(runs) // 2]
+        except Exception as e:  # a backend that cannot run here is simply not chosen
+            log.info("attention backend %s unavailable: %s", name, e)
+    return times
+
+
+def resolve_backend(name: str, device: torch.device, heads: int = 6,
+                    head_dim: int = 64) -> str:
+    """Turn 'auto' into a concrete backend for this device, and log the choice and why."""
     if name not in ("auto",) + BACKENDS:
         raise ValueError(f"unknown attention backend '{name}'")
     if name == "xformers" and not (device.type == "cuda" and xformers_available()):
         raise RuntimeError("attention=xformers needs a CUDA GPU and an importable xformers")
     if name != "auto":
+        log.info("attention backend: %s (configured)", name)
         return name
-    choice = "sdpa"
-    reason = "PyTorch SDPA (flash/cuDNN/efficient kernels)" if device.type == "cuda" else \
-        "CPU: SDPA (math kernel)"
-    log.info("attention backend: %s (%s)", choice, reason)
+    if device.type != "cuda":
+        log.info("attention backend: sdpa (CPU: no xformers kernels; SDPA's math kernel)")
+        return "sdpa"
+    candidates = ["sdpa"] + (["xformers"] if xformers_available() else [])
+    times = measure_backends(device, heads, head_dim, candidates)
+    choice = min(times, key=times.get) if times else "math"
+    log.info("attention backend: %s (measured fwd+bwd, ms: %s)", choice,
+             ", ".join(f"{k} {v:.2f}" for k, v in times.items()))
     return choice
-
-
-def attention(q, k, v, backend: str = "math"):
-    """Multi-head attention on [B, heads, N, head_dim] tensors with the named backend."""
-    return _FUNCTIONS[backend](q, k, v)

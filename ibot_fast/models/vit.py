@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import Seqs, attention, packed_attention
 
 ARCHS = {
     "vit_demo": dict(dim=128, depth=4, heads=4),
@@ -26,13 +26,20 @@ ARCHS = {
 }
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero a sample's residual branch with probability p, rescale others."""
+def drop_path(x: torch.Tensor, p: float, training: bool, seqs: Seqs = None) -> torch.Tensor:
+    """Stochastic depth: zero a sample's residual branch with probability p, rescale others.
+
+    x is [B, ...] (one sample per row) or packed [T, dim] with `seqs` (one sample per
+    sequence)."""
     if p == 0.0 or not training:
         return x
     keep = 1.0 - p
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+    if seqs is None:
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+    n = sum(count for count, _ in seqs.groups)
+    mask = seqs.per_token(x.new_empty(n).bernoulli_(keep).div_(keep))
+    return x * mask[:, None]
 
 
 class PatchEmbed(nn.Module):
@@ -53,7 +60,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, seqs: Seqs = None):
+        """x [B, N, dim], or packed [T, dim] with `seqs` (attention within each sequence)."""
+        if seqs is not None:
+            return self.proj(packed_attention(self.qkv(x), seqs, self.heads, self.backend))
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         out = attention(qkv[0], qkv[1], qkv[2], self.backend)  # [B, heads, N, head_dim]
@@ -72,19 +82,40 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block. Stochastic depth either multiplies the dropped
+    samples' residual branch by zero (`efficient_drop_path=False`, the official way) or
+    computes the branch only for a random subset of round(B (1 - p)) samples and adds it
+    scaled by B / subset (DINOv2's way): the same in expectation, (1 - p) of the work."""
+
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 backend: str = "math"):
+                 backend: str = "math", efficient_drop_path: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads, backend)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
+        self.efficient_drop_path = efficient_drop_path
 
-    def forward(self, x):
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
-        return x
+    def forward(self, x, seqs: Seqs = None):
+        attn = lambda y, s: self.attn(self.norm1(y), s)  # noqa: E731
+        mlp = lambda y, s: self.mlp(self.norm2(y))  # noqa: E731
+        if self.training and self.drop_path > 0 and self.efficient_drop_path:
+            x = self._subset_residual(x, attn, seqs)
+            return self._subset_residual(x, mlp, seqs)
+        x = x + drop_path(attn(x, seqs), self.drop_path, self.training, seqs)
+        return x + drop_path(mlp(x, seqs), self.drop_path, self.training, seqs)
+
+    def _subset_residual(self, x, branch, seqs):
+        keep = 1.0 - self.drop_path
+        if seqs is None:
+            B = x.shape[0]
+            k = max(1, int(round(B * keep)))
+            rows = torch.randperm(B, device=x.device)[:k]
+            return torch.index_add(x, 0, rows, branch(x[rows], None), alpha=B / k)
+        rows, sub, scale = seqs.sample(keep, x.device)
+        out = branch(x[rows], sub) * scale[:, None].to(x.dtype)
+        return torch.index_add(x, 0, rows, out)
 
 
 class VisionTransformer(nn.Module):
@@ -92,7 +123,8 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, dim: int = 384,
                  depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0,
-                 drop_path_rate: float = 0.0, attention_backend: str = "math"):
+                 drop_path_rate: float = 0.0, attention_backend: str = "math",
+                 efficient_drop_path: bool = False, pack_crops: bool = False):
         super().__init__()
         self.patch_size = patch_size
         self.embed_dim = dim
@@ -104,7 +136,9 @@ class VisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, dim))  # official: `masked_embed`
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio, rates[i], attention_backend) for i in range(depth))
+            Block(dim, heads, mlp_ratio, rates[i], attention_backend, efficient_drop_path)
+            for i in range(depth))
+        self.pack_crops = pack_crops
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self._init_weights()
 
@@ -157,6 +191,28 @@ class VisionTransformer(nn.Module):
             x = block(x)
         return self.norm(x)
 
+    def forward_crops(self, global_crops: torch.Tensor, masks: torch.Tensor = None,
+                      local_crops: torch.Tensor = None):
+        """Tokens of the global crops (masked) and of the local crops (None when absent).
+
+        With `pack_crops`, both resolutions run through the blocks as one packed
+        sequence (`Seqs`): one matmul per linear layer for all crops, attention within
+        each image. Otherwise two passes.
+        """
+        if local_crops is None or local_crops.shape[0] == 0:
+            return self(global_crops, masks), None
+        if not self.pack_crops:
+            return self(global_crops, masks), self(local_crops)
+        tg = self.prepare_tokens(global_crops, masks)
+        tl = self.prepare_tokens(local_crops)
+        seqs = Seqs([(tg.shape[0], tg.shape[1]), (tl.shape[0], tl.shape[1])])
+        x = torch.cat([tg.reshape(-1, tg.shape[-1]), tl.reshape(-1, tl.shape[-1])])
+        for block in self.blocks:
+            x = block(x, seqs)
+        x = self.norm(x)
+        out_g, out_l = seqs.split(x)
+        return out_g, out_l
+
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1):
         """Normalised outputs of the last n blocks (for linear probing)."""
         x = self.prepare_tokens(x)
@@ -169,9 +225,11 @@ class VisionTransformer(nn.Module):
 
 
 def vit(arch: str, img_size: int, patch_size: int, drop_path_rate: float = 0.0,
-        attention_backend: str = "math") -> VisionTransformer:
+        attention_backend: str = "math", efficient_drop_path: bool = False,
+        pack_crops: bool = False) -> VisionTransformer:
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
     return VisionTransformer(img_size=img_size, patch_size=patch_size,
                              drop_path_rate=drop_path_rate, attention_backend=attention_backend,
+                             efficient_drop_path=efficient_drop_path, pack_crops=pack_crops,
                              **ARCHS[arch])

@@ -1,0 +1,126 @@
+"""Attention backends, packed global + local crops, efficient stochastic depth."""
+import pytest
+import torch
+
+from ibot_fast.models.attention import Seqs, attention, packed_attention, resolve_backend
+from ibot_fast.models.vit import Block, vit
+
+
+def test_seqs_split_and_sample():
+    seqs = Seqs([(3, 5), (4, 2)])
+    x = torch.arange(seqs.total).float()[:, None]
+    a, b = seqs.split(x)
+    assert a.shape == (3, 5, 1) and b.shape == (4, 2, 1) and b[0, 0, 0] == 15
+    assert seqs.per_token(torch.arange(7.)).tolist() == [0] * 5 + [1] * 5 + [2] * 5 + \
+        [3, 3, 4, 4, 5, 5, 6, 6]
+    rows, sub, scale = seqs.sample(0.5, torch.device("cpu"))
+    assert sub.groups == [(2, 5), (2, 2)] and rows.numel() == sub.total == scale.numel()
+    assert set(scale.tolist()) == {1.5, 2.0}
+    assert rows[:5].tolist() == list(range(rows[0].item(), rows[0].item() + 5))
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_sdpa_equals_math(dtype, atol):
+    q, k, v = (torch.randn(3, 4, 17, 8, dtype=dtype) for _ in range(3))
+    torch.testing.assert_close(attention(q, k, v, "sdpa"), attention(q, k, v, "math"),
+                               atol=atol, rtol=atol)
+
+
+def test_packed_attention_equals_per_sequence():
+    torch.manual_seed(0)
+    seqs = Seqs([(2, 7), (3, 4)])
+    qkv = torch.randn(seqs.total, 3 * 12, dtype=torch.float64)
+    out = packed_attention(qkv, seqs, heads=3, backend="math")
+    start = 0
+    for n, length in seqs.groups:
+        for _ in range(n):
+            q, k, v = qkv[start:start + length].view(length, 3, 3, 4).permute(1, 2, 0, 3)
+            ref = attention(q[None], k[None], v[None], "math")[0].transpose(0, 1).reshape(length, 12)
+            torch.testing.assert_close(out[start:start + length], ref)
+            start += length
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_packed_pass_equals_two_passes(dtype, tol, backend):
+    """Outputs and every gradient of the packed student pass equal two separate passes."""
+    torch.manual_seed(0)
+    two = vit("vit_demo", 32, 4, attention_backend=backend).to(dtype)
+    packed = vit("vit_demo", 32, 4, attention_backend=backend, pack_crops=True).to(dtype)
+    packed.load_state_dict(two.state_dict())
+    with torch.no_grad():
+        for m in (two, packed):
+            m.mask_token.fill_(0.3)
+    g = torch.randn(4, 3, 32, 32, dtype=dtype)
+    loc = torch.randn(6, 3, 16, 16, dtype=dtype)
+    masks = torch.rand(4, 64) < 0.3
+    outs = []
+    for model in (two, packed):
+        tg, tl = model.forward_crops(g, masks, loc)
+        assert tg.shape == (4, 65, 128) and tl.shape == (6, 17, 128)
+        loss = (tg * torch.linspace(-1, 1, 128, dtype=dtype)).sum() + tl.square().sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        outs.append((tg, tl, grads))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=tol, atol=tol)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=tol, atol=tol)
+    for (name, _), a, b in zip(two.named_parameters(), outs[1][2], outs[0][2]):
+        torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol * 10, msg=name)
+
+
+def test_efficient_drop_path_matches_in_expectation():
+    """Subset stochastic depth and the per-sample mask give the same mean output when
+    B (1 - p) is a whole number (each sample is kept with the same probability)."""
+    torch.manual_seed(0)
+    plain = Block(8, 2, drop_path=0.5).double()
+    subset = Block(8, 2, drop_path=0.5, efficient_drop_path=True).double()
+    subset.load_state_dict(plain.state_dict())
+    x = torch.randn(10, 3, 8, dtype=torch.float64)
+    n = 600
+    with torch.no_grad():
+        a = torch.stack([plain(x) for _ in range(n)])
+        b = torch.stack([subset(x) for _ in range(n)])
+        plain.eval()
+        deterministic = plain(x)
+    se = (a.var(0) / n + b.var(0) / n).sqrt()
+    assert ((a.mean(0) - b.mean(0)).abs() < 5 * se + 1e-12).float().mean() > 0.99
+    # and the subset variant does drop: single draws differ from the deterministic pass
+    assert (b[0] - deterministic).abs().max() > 1e-3
+    subset.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(subset(x), deterministic)
+
+
+def test_efficient_drop_path_packed_runs_and_drops():
+    torch.manual_seed(0)
+    block = Block(16, 2, drop_path=0.5, efficient_drop_path=True)
+    seqs = Seqs([(4, 5), (6, 3)])
+    x = torch.randn(seqs.total, 16, requires_grad=True)
+    out = block(x, seqs)
+    out.sum().backward()
+    assert out.shape == x.shape and torch.isfinite(x.grad).all()
+
+
+def test_auto_backend_on_cpu_is_sdpa():
+    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_backend("math", torch.device("cpu")) == "math"
+    with pytest.raises(RuntimeError, match="xformers"):
+        resolve_backend("xformers", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+def test_gpu_backends_equal_math(backend):
+    if backend == "xformers":
+        pytest.importorskip("xformers.ops")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(8, 6, 197, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = attention(q.double(), k.double(), v.double(), "math")
+    low = attention(q, k, v, "math").double()
+    out = attention(q, k, v, backend).double()
+    # flash-attention's rule: at most 2x the error of the plain expression in bf16
+    assert (out - ref).abs().max() <= 2 * (low - ref).abs().max() + 1e-3
+    seqs = Seqs([(4, 197), (10, 37)])
+    qkv = torch.randn(seqs.total, 3 * 384, device="cuda", dtype=torch.bfloat16)
+    packed = packed_attention(qkv, seqs, 6, backend).double()
+    reference = packed_attention(qkv.double(), seqs, 6, "math")
+    assert (packed - reference).abs().max() < 2e-2

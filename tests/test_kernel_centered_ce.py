@@ -1,0 +1,444 @@
+"""The centred cross-entropy kernels (kernels/centered_ce.py) against their PyTorch twins.
+
+Every test compares the forward values and every gradient with the twin in
+`ibot_fast.reference.centered_ce`. Without a GPU the kernels run under the Triton
+interpreter (tests/conftest.py), so shapes stay small; the `gpu` tests add bf16, the
+flash-attention error rule and 64-bit indexing.
+"""
+import math
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ibot_fast.kernels import centered_ce as kernels
+from ibot_fast.reference import centered_ce as reference
+
+STUDENT_TEMP = 0.1
+
+# (atol, rtol) of kernel against twin, by input dtype. Both compute in fp32 from the same
+# inputs (the kernel multiplies by 1/T where the twin divides by T, and sums in another
+# order): losses and column sums agree to ~1e-6 relative. Gradients w/ts (q - p) reach
+# ~10, so fp32 rounding of the exponents leaves ~1e-5 absolute, and a low-precision
+# student dtype rounds the result once more in each (one unit in the last place apart).
+LOSS_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-5, 2e-5),
+            torch.bfloat16: (2e-5, 2e-5)}
+GRAD_TOL = {torch.float32: (5e-5, 2e-5), torch.float16: (5e-5, 2e-3),
+            torch.bfloat16: (2e-4, 1.6e-2)}
+# The fused head casts W = g v / ||v|| to the matmul dtype (the twin keeps fp32) and feeds
+# the gradient of the logits to a tensor-core dot in that dtype: low precision costs more.
+HEAD_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (5e-3, 5e-3),
+            torch.bfloat16: (4e-2, 4e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    """The interpreter's tl.dot is numpy.matmul; multi-threaded OpenBLAS on a 2-core runner
+    is two orders of magnitude slower than one thread."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_matmul():
+    """fp32 comparisons mean fp32 matmuls, in the twin and in the fused kernels (which
+    follow torch's TF32 setting), whatever another module set."""
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+def _generator(*key):
+    """A generator seeded from the test case: fresh data per case, reproducible runs."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _inputs(rows, K, dtype, device, gen, scale=2.0, weighted=True):
+    """Random logits (std `scale`), center, weights with some exact zeros, upstream grad."""
+    student = (torch.randn(rows, K, generator=gen) * scale).to(dtype)
+    teacher = (torch.randn(rows, K, generator=gen) * scale).to(dtype)
+    center = torch.randn(K, generator=gen) * 0.3
+    weight = None
+    if weighted:
+        weight = torch.rand(rows, generator=gen) + 0.05
+        weight[torch.rand(rows, generator=gen) < 0.3] = 0.0
+    dloss = torch.randn(rows, generator=gen)
+    to = dict(device=device)
+    return (student.to(**to), teacher.to(**to), center.to(**to),
+            None if weight is None else weight.to(**to), dloss.to(**to))
+
+
+def _run(fn, student, *args, dloss, **kwargs):
+    """(outputs, d student) of fn(student, *args) for upstream gradient dloss."""
+    student = student.detach().clone().requires_grad_(True)
+    out = fn(student, *args, **kwargs)
+    loss = out[0] if isinstance(out, tuple) else out
+    (grad,) = torch.autograd.grad(loss, student, dloss.to(loss.dtype))
+    return out, grad
+
+
+def _close(actual, expected, tol, what):
+    atol, rtol = tol
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _check_against_twin(student, teacher, center, teacher_temp, weight, dloss, dtype):
+    args = (teacher, center, STUDENT_TEMP, teacher_temp, weight)
+    (loss_k, colsum_k), grad_k = _run(kernels.centered_softmax_ce_and_colsum, student, *args,
+                                      dloss=dloss)
+    (loss_r, colsum_r), grad_r = _run(reference.centered_softmax_ce_and_colsum, student,
+                                      *args, dloss=dloss)
+    assert loss_k.dtype == torch.float32 and colsum_k.dtype == torch.float32
+    assert grad_k.dtype == student.dtype
+    _close(loss_k, loss_r, LOSS_TOL[dtype], "loss")
+    _close(colsum_k, colsum_r, LOSS_TOL[dtype], "teacher column sum")
+    _close(grad_k, grad_r, GRAD_TOL[dtype], "d loss / d student")
+    return loss_k, colsum_k, grad_k
+
+
+# --------------------------------------------------------------------------------------
+# Logits kernel
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("teacher_temp", [0.04, 0.07])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [1, 37])
+@pytest.mark.parametrize("K", [1000, 8192])
+def test_matches_twin(K, rows, dtype, weighted, teacher_temp, device):
+    gen = _generator("twin", K, rows, str(dtype), weighted, teacher_temp)
+    student, teacher, center, weight, dloss = _inputs(rows, K, dtype, device, gen,
+                                                      weighted=weighted)
+    loss, _, grad = _check_against_twin(student, teacher, center, teacher_temp, weight, dloss,
+                                        dtype)
+    # the loss-only functional is the same computation
+    loss_only, grad_only = _run(kernels.centered_softmax_ce, student, teacher, center,
+                                STUDENT_TEMP, teacher_temp, weight, dloss=dloss)
+    torch.testing.assert_close(loss_only, loss, atol=0, rtol=0)
+    torch.testing.assert_close(grad_only, grad, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_large_k_few_rows(dtype, device):
+    gen = _generator("large", str(dtype))
+    student, teacher, center, weight, dloss = _inputs(3, 65536, dtype, device, gen)
+    weight[0], weight[1] = 0.0, 0.5  # one padding row, one real row at least
+    _check_against_twin(student, teacher, center, 0.07, weight, dloss, dtype)
+
+
+@pytest.mark.parametrize("teacher_temp", [0.04 + 0.005 * i for i in range(7)])
+def test_teacher_temperature_schedule(teacher_temp, device):
+    """The warm-up schedule's teacher temperatures, 0.04 to 0.07, student at 0.1."""
+    gen = _generator("schedule", teacher_temp)
+    student, teacher, center, weight, dloss = _inputs(19, 1000, torch.float32, device, gen)
+    _check_against_twin(student, teacher, center, teacher_temp, weight, dloss,
+                        torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_logits_of_1e4_stay_finite(dtype, device):
+    """Logits spread over [-1e4, 1e4] (each row a shuffled grid from -1e4 to 1e4, steps of
+    20): s/ts and (t - c)/tt reach 1e5 and 2.5e5. On a grid the softmaxes are one-hot, so
+    the loss is well conditioned; where two logits nearly tie, fp32 rounding of exponents
+    ~1e5 moves p by percents, in the twin as in the kernel."""
+    gen = _generator("extreme", str(dtype))
+    rows, K = 9, 1001
+    grid = torch.linspace(-1e4, 1e4, K)
+
+    def shuffled():
+        return torch.stack([grid[torch.randperm(K, generator=gen)] for _ in range(rows)])
+
+    student = shuffled().to(dtype).to(device)
+    teacher = shuffled().to(dtype).to(device)
+    center = torch.randn(K, generator=gen).to(device)
+    dloss = torch.randn(rows, generator=gen).to(device)
+    args = (teacher, center, STUDENT_TEMP, 0.04, None)
+    (loss_k, colsum_k), grad_k = _run(kernels.centered_softmax_ce_and_colsum, student, *args,
+                                      dloss=dloss)
+    (loss_r, colsum_r), grad_r = _run(reference.centered_softmax_ce_and_colsum, student,
+                                      *args, dloss=dloss)
+    assert torch.isfinite(loss_k).all() and torch.isfinite(grad_k).all()
+    assert loss_k.abs().max() > 1e4  # the test is about large values
+    torch.testing.assert_close(loss_k, loss_r, atol=0.05, rtol=1e-6)  # ulp(2e5) = 0.016
+    torch.testing.assert_close(colsum_k, colsum_r, atol=0.05, rtol=1e-6)
+    _close(grad_k, grad_r, GRAD_TOL[dtype], "d loss / d student")
+
+
+def test_padding_rows_are_never_read(device):
+    """Rows with weight 0 may hold anything (NaN here): loss 0, gradient 0, no colsum."""
+    gen = _generator("padding")
+    student, teacher, center, weight, dloss = _inputs(21, 1000, torch.float32, device, gen)
+    weight[-5:] = 0.0
+    pad = weight == 0
+    student[pad], teacher[pad] = float("nan"), float("nan")
+    loss, colsum, grad = _check_against_twin(student, teacher, center, 0.04, weight, dloss,
+                                             torch.float32)
+    assert (loss[pad] == 0).all() and (grad[pad] == 0).all()
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(colsum, teacher[~pad].sum(0), atol=1e-4, rtol=1e-5)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled tensors: an element a kernel forgets to write shows."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_every_output_and_workspace_is_written(poisoned_empty, weighted, device):
+    gen = _generator("poison", weighted)
+    student, teacher, center, weight, dloss = _inputs(37, 3000, torch.float32, device, gen,
+                                                      weighted=weighted)
+    loss, colsum, grad = _check_against_twin(student, teacher, center, 0.04, weight, dloss,
+                                             torch.float32)
+    assert torch.isfinite(loss).all() and torch.isfinite(colsum).all()
+    assert torch.isfinite(grad).all()
+
+
+def test_backward_overwrites_a_given_buffer(device):
+    gen = _generator("out")
+    student, teacher, center, weight, dloss = _inputs(37, 1000, torch.float16, device, gen)
+    loss, _, lse = kernels.centered_ce_fwd(student, teacher, center, STUDENT_TEMP, 0.05, weight)
+    out = torch.full_like(student, float("nan"))
+    grad = kernels.centered_ce_bwd(student, teacher, center, lse, STUDENT_TEMP, 0.05, weight,
+                                   dloss, out=out)
+    assert grad.data_ptr() == out.data_ptr()
+    _, grad_r = _run(reference.centered_softmax_ce, student, teacher, center, STUDENT_TEMP,
+                     0.05, weight, dloss=dloss)
+    _close(out, grad_r, GRAD_TOL[torch.float16], "d loss / d student")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_inplace_grad_mode(dtype, device):
+    """The forward writes the gradient into the student buffer; values as the twin's."""
+    gen = _generator("inplace", str(dtype))
+    student, teacher, center, weight, dloss = _inputs(37, 1000, dtype, device, gen)
+    _, grad_r = _run(reference.centered_softmax_ce, student, teacher, center, STUDENT_TEMP,
+                     0.04, weight, dloss=dloss)
+    loss_r = reference.centered_softmax_ce(student, teacher, center, STUDENT_TEMP, 0.04, weight)
+    buffer = student.clone().requires_grad_(True)
+    loss = kernels.centered_softmax_ce(buffer, teacher, center, STUDENT_TEMP, 0.04, weight,
+                                       inplace_grad=True)
+    _close(loss, loss_r, LOSS_TOL[dtype], "loss")
+    assert not torch.equal(buffer.detach(), student)  # the logits were overwritten
+    loss.backward(dloss)
+    _close(buffer.grad, grad_r, GRAD_TOL[dtype], "d loss / d student (in place)")
+
+
+def test_column_sums_are_deterministic(device):
+    gen = _generator("determinism")
+    student, teacher, center, weight, _ = _inputs(300, 2048, torch.float32, device, gen)
+    first = kernels.centered_softmax_ce_and_colsum(student, teacher, center, 0.1, 0.04, weight)
+    second = kernels.centered_softmax_ce_and_colsum(student, teacher, center, 0.1, 0.04, weight)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_no_gradient_reaches_teacher_or_center(device):
+    gen = _generator("nograd")
+    student, teacher, center, _, _ = _inputs(5, 1000, torch.float32, device, gen)
+    student.requires_grad_(True), teacher.requires_grad_(True), center.requires_grad_(True)
+    kernels.centered_softmax_ce(student, teacher, center, 0.1, 0.04).sum().backward()
+    assert student.grad is not None and teacher.grad is None and center.grad is None
+
+
+def test_cpu_without_interpreter_runs_the_twin(monkeypatch):
+    gen = _generator("dispatch")
+    student, teacher, center, weight, _ = _inputs(7, 100, torch.float32, "cpu", gen)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    loss, colsum = kernels.centered_softmax_ce_and_colsum(student, teacher, center, 0.1, 0.04,
+                                                          weight)
+    loss_r, colsum_r = reference.centered_softmax_ce_and_colsum(student, teacher, center, 0.1,
+                                                                0.04, weight)
+    assert torch.equal(loss, loss_r) and torch.equal(colsum, colsum_r)
+
+
+def test_bad_arguments_raise(device):
+    s = torch.randn(4, 10, device=device)
+    with pytest.raises(ValueError, match="center"):
+        kernels.centered_softmax_ce(s, s, torch.zeros(9, device=device), 0.1, 0.04)
+    with pytest.raises(ValueError, match="weight"):
+        kernels.centered_softmax_ce(s, s, torch.zeros(10, device=device), 0.1, 0.04,
+                                    torch.ones(3, device=device))
+    with pytest.raises(ValueError, match="\\[rows, K\\]"):
+        kernels.centered_softmax_ce(s, s[:, :5], torch.zeros(10, device=device), 0.1, 0.04)
+
+
+# --------------------------------------------------------------------------------------
+# Fused weight-normalised last layer + loss
+# --------------------------------------------------------------------------------------
+def _head_inputs(rows, K, D, dtype, device, gen, weighted=True):
+    """L2-normalised features, weight-norm parameters (g near 1, as trained), center."""
+    def feat():
+        return F.normalize(torch.randn(rows, D, generator=gen), dim=-1).to(dtype).to(device)
+
+    def v_g():
+        v = torch.randn(K, D, generator=gen).to(dtype).to(device)
+        g = (1 + 0.2 * torch.randn(K, 1, generator=gen)).to(dtype).to(device)
+        return v, g
+
+    (student_v, student_g), (teacher_v, teacher_g) = v_g(), v_g()
+    center = (torch.randn(K, generator=gen) * 0.1).to(device)
+    weight = None
+    if weighted:
+        weight = torch.rand(rows, generator=gen) + 0.05
+        weight[torch.rand(rows, generator=gen) < 0.3] = 0.0
+        weight = weight.to(device)
+    dloss = torch.randn(rows, generator=gen).to(device)
+    return (feat(), student_v, student_g, feat(), teacher_v, teacher_g, center), weight, dloss
+
+
+def _run_head(fn, tensors, teacher_temp, weight, dloss):
+    student_feat, student_v, student_g, *teacher = tensors
+    leaves = [x.detach().clone().requires_grad_(True)
+              for x in (student_feat, student_v, student_g)]
+    loss, colsum = fn(*leaves, *teacher, STUDENT_TEMP, teacher_temp, weight)
+    grads = torch.autograd.grad(loss, leaves, dloss.to(loss.dtype))
+    return loss, colsum, grads
+
+
+def _check_head(tensors, teacher_temp, weight, dloss, dtype):
+    loss_k, colsum_k, grads_k = _run_head(kernels.fused_head_ce, tensors, teacher_temp, weight,
+                                          dloss)
+    loss_r, colsum_r, grads_r = _run_head(reference.fused_head_ce, tensors, teacher_temp,
+                                          weight, dloss)
+    tol = HEAD_TOL[dtype]
+    _close(loss_k, loss_r, tol, "loss")
+    _close(colsum_k, colsum_r, tol, "teacher column sum")
+    for name, g_k, g_r in zip(("student_feat", "student_v", "student_g"), grads_k, grads_r):
+        assert g_k.dtype == g_r.dtype and g_k.shape == g_r.shape
+        # gradients are compared relative to their largest element
+        _close(g_k, g_r, (tol[0] * g_r.abs().max().item(), tol[1]), f"d loss / d {name}")
+    return loss_k, colsum_k, grads_k
+
+
+@pytest.mark.parametrize("K, rows, D, dtype, weighted", [
+    (1000, 37, 256, torch.float32, True),
+    (1000, 70, 64, torch.float32, False),
+    (1000, 37, 48, torch.float16, True),
+    (8192, 9, 256, torch.float32, True),
+    (65536, 2, 16, torch.float32, False),
+])
+@pytest.mark.parametrize("teacher_temp", [0.04, 0.07])
+def test_fused_head_matches_unfused(K, rows, D, dtype, weighted, teacher_temp, device):
+    gen = _generator("head", K, rows, D, str(dtype), weighted, teacher_temp)
+    tensors, weight, dloss = _head_inputs(rows, K, D, dtype, device, gen, weighted)
+    _check_head(tensors, teacher_temp, weight, dloss, dtype)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the NaN rows dropped
+def test_fused_head_padding_rows_and_poisoned_workspaces(poisoned_empty, device):
+    gen = _generator("head padding")
+    tensors, weight, dloss = _head_inputs(40, 1000, 64, torch.float32, device, gen)
+    weight[-6:] = 0.0
+    tensors[0][-6:], tensors[3][-6:] = float("nan"), float("nan")  # padding: never read
+    loss, colsum, grads = _check_head(tensors, 0.05, weight, dloss, torch.float32)
+    assert (loss[-6:] == 0).all() and (grads[0][-6:] == 0).all()
+    assert all(torch.isfinite(x).all() for x in (loss, colsum, *grads))
+
+
+# --------------------------------------------------------------------------------------
+# GPU only: bf16, the flash-attention error rule, 64-bit indexing
+# --------------------------------------------------------------------------------------
+def _plain_lowp(student, teacher, center, student_temp, teacher_temp, weight):
+    """The loss written the plain PyTorch way, in the inputs' own (low) precision."""
+    p = torch.softmax((teacher - center.to(teacher.dtype)) / teacher_temp, dim=-1)
+    loss = -(p * torch.log_softmax(student / student_temp, dim=-1)).sum(-1)
+    return loss if weight is None else loss * weight.to(loss.dtype)
+
+
+def _err(x, ref):
+    return (x.double() - ref).abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, rows", [(8192, 1000), (65536, 256), (1000, 7500)])
+def test_bf16_matches_twin_gpu(K, rows, device):
+    gen = _generator("bf16", K, rows)
+    student, teacher, center, weight, dloss = _inputs(rows, K, torch.bfloat16, device, gen)
+    _check_against_twin(student, teacher, center, 0.04, weight, dloss, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_attention_error_rule_gpu(dtype, device):
+    """Kernel error against an fp64 reference <= 2x the error of plain PyTorch run in the
+    same low precision (loss and gradient)."""
+    gen = _generator("rule", str(dtype))
+    student, teacher, center, weight, dloss = _inputs(512, 8192, dtype, device, gen)
+    args = (teacher, center, STUDENT_TEMP, 0.04, weight)
+    loss_k, grad_k = _run(kernels.centered_softmax_ce, student, *args, dloss=dloss)
+    loss_p, grad_p = _run(_plain_lowp, student, *args, dloss=dloss)
+    # the twin computes in fp32 by design: the truth here is the same formula in fp64
+    s64 = student.double().requires_grad_(True)
+    p = torch.softmax((teacher.double() - center.double()) / 0.04, dim=-1)
+    loss_64 = -(p * torch.log_softmax(s64 / STUDENT_TEMP, dim=-1)).sum(-1) * weight.double()
+    (grad_64,) = torch.autograd.grad(loss_64, s64, dloss.double())
+    loss_64 = loss_64.detach()
+    assert _err(loss_k, loss_64) <= 2 * _err(loss_p, loss_64) + 1e-6
+    assert _err(grad_k, grad_64) <= 2 * _err(grad_p, grad_64) + 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K, rows", [(8192, 300), (65536, 100)])
+def test_fused_head_low_precision_gpu(K, rows, dtype, device):
+    """Against the fp32 twin with the low-precision table, and the flash-attention rule
+    against the plain head + loss run in the same precision."""
+    gen = _generator("head gpu", K, rows, str(dtype))
+    tensors, weight, dloss = _head_inputs(rows, K, 256, dtype, device, gen)
+    loss_k, _, grads_k = _check_head(tensors, 0.04, weight, dloss, dtype)
+
+    def plain(feat, v, g, teacher_feat, teacher_v, teacher_g, center, ts, tt, w):
+        s = feat @ (g * v / v.norm(dim=1, keepdim=True)).t()
+        t = teacher_feat @ (teacher_g * teacher_v / teacher_v.norm(dim=1, keepdim=True)).t()
+        return _plain_lowp(s, t.detach(), center, ts, tt, w), None
+
+    def fp64(feat, v, g, teacher_feat, teacher_v, teacher_g, center, ts, tt, w):
+        s = feat @ (g * v / v.norm(dim=1, keepdim=True)).t()
+        t = teacher_feat @ (teacher_g * teacher_v / teacher_v.norm(dim=1, keepdim=True)).t()
+        p = torch.softmax((t - center) / tt, dim=-1)
+        return -(p * torch.log_softmax(s / ts, dim=-1)).sum(-1) * w.double(), None
+
+    loss_p, _, grads_p = _run_head(plain, tensors, 0.04, weight, dloss)
+    loss_64, _, grads_64 = _run_head(fp64, [x.double() for x in tensors], 0.04, weight, dloss)
+    assert _err(loss_k, loss_64) <= 2 * _err(loss_p, loss_64) + 1e-6
+    for g_k, g_p, g_64 in zip(grads_k, grads_p, grads_64):
+        assert _err(g_k, g_64) <= 2 * _err(g_p, g_64) + 1e-6
+
+
+@pytest.mark.gpu
+def test_more_than_2_to_the_31_elements_gpu(device):
+    """rows * K > 2**31: the row offsets must be 64-bit. Checks the last rows."""
+    K = 65536
+    rows = 2**31 // K + 3
+    if torch.cuda.mem_get_info()[0] < 8 * rows * K * 2:
+        pytest.skip("not enough GPU memory")
+    gen = torch.Generator(device=device).manual_seed(31)
+    student = torch.randn(rows, K, device=device, dtype=torch.bfloat16, generator=gen)
+    teacher = torch.randn(rows, K, device=device, dtype=torch.bfloat16, generator=gen)
+    center = torch.randn(K, device=device, generator=gen) * 0.1
+    student.requires_grad_(True)
+    loss, colsum = kernels.centered_softmax_ce_and_colsum(student, teacher, center, 0.1, 0.04)
+    loss[-4:].sum().backward()
+    tail = slice(rows - 4, rows)
+    s_tail = student.detach()[tail].clone().requires_grad_(True)
+    loss_r = reference.centered_softmax_ce(s_tail, teacher[tail], center, 0.1, 0.04)
+    loss_r.sum().backward()
+    _close(loss[tail], loss_r, LOSS_TOL[torch.bfloat16], "loss of the last rows")
+    _close(student.grad[tail], s_tail.grad, GRAD_TOL[torch.bfloat16], "grad of the last rows")
+    assert (student.grad[:-4] == 0).all()
+    _close(colsum, teacher.float().sum(0), (1e-2, 1e-4), "teacher column sum")
+    assert math.isfinite(colsum.sum().item())
