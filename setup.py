@@ -30,12 +30,13 @@ setup(
         "pillow",
         "scikit-learn",
         "safetensors",
+        "matplotlib",
     ],
     extras_require={
         # CUDA 13 builds; on CUDA 12 machines use nvidia-dali-cuda120 instead.
         "gpu": ["xformers>=0.0.30", "nvidia-dali-cuda130"],
         "dali": ["nvidia-dali-cuda130"],
-        "dev": ["pytest>=7", "pytest-timeout", "matplotlib"],
+        "dev": ["pytest>=7", "pytest-timeout", "threadpoolctl"],
     },
     entry_points={"console_scripts": ["ibot-fast = ibot_fast.cli:main"]},
 )

@@ -3,6 +3,10 @@
     ibot-fast train [--preset P] [--data PATH] [--output-dir DIR] [--resume] [key=value ...]
     torchrun --nproc_per_node=8 -m ibot_fast.train --preset vit_small_16_paper --data PATH
     ibot-fast knn --checkpoint runs/demo/checkpoint.pth [--which teacher|student]
+    ibot-fast linear --checkpoint CKPT [--lrs ...] [--epochs N]    linear probe, many lrs at once
+    ibot-fast export --checkpoint CKPT --out vits16.safetensors    backbone with timm's names
+    ibot-fast show attention --checkpoint CKPT --image IMG --out PNG
+    ibot-fast show curves --run DIR --out PNG
     ibot-fast demo                 pre-train on the embedded digits, then k-NN vs random init
     ibot-fast keys [--preset P]    every config key with its value
     ibot-fast bench [args]         benchmarks.bench_train (from a source checkout)
@@ -107,8 +111,26 @@ def cmd_bench(argv):
     return bench_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "knn": cmd_knn, "demo": cmd_demo, "keys": cmd_keys,
-            "bench": cmd_bench}
+def cmd_linear(argv):
+    from .eval.linear import cmd_linear as run
+
+    return run(argv)
+
+
+def cmd_export(argv):
+    from .export import cmd_export as run
+
+    return run(argv)
+
+
+def cmd_show(argv):
+    from .show import cmd_show as run
+
+    return run(argv)
+
+
+COMMANDS = {"train": cmd_train, "knn": cmd_knn, "linear": cmd_linear, "export": cmd_export,
+            "show": cmd_show, "demo": cmd_demo, "keys": cmd_keys, "bench": cmd_bench}
 
 
 def main(argv=None):

@@ -1,1 +1,1 @@
-"""Evaluation of pre-trained backbones: k-NN (knn.py)."""
+"""Evaluation of pre-trained backbones: k-NN (knn.py) and linear probing (linear.py)."""

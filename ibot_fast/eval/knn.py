@@ -130,7 +130,12 @@ def load_backbone(path, which: str = "teacher"):
     backbone = build_backbone(cfg)
     prefix = "backbone."
     state = {k[len(prefix):]: v for k, v in ckpt[which].items() if k.startswith(prefix)}
-    backbone.load_state_dict(state)
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{path}: the {which} weights do not fit its own config "
+                        f"({first})") from None
     return cfg, backbone
 
 

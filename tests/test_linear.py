@@ -1,0 +1,204 @@
+"""Linear probe: the one-pass multi-lr training, features, DDP extraction, the command."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ibot_fast import UserError, checkpoint
+from ibot_fast.config import build_config, to_dict
+from ibot_fast.data.datasets import DigitsDataset
+from ibot_fast.eval.knn import extract_features as knn_extract_features
+from ibot_fast.eval.knn import random_init_backbone
+from ibot_fast.eval.linear import (cmd_linear, extract_features, feature_spec,
+                                   linear_eval_backbone, linear_probe, train_linear)
+
+
+def clusters(n, dim, classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 2
+    y = torch.randint(0, classes, (n,), generator=g)
+    return centres[y] + torch.randn(n, dim, generator=g), y
+
+
+def test_one_pass_equals_one_torch_sgd_run_per_lr():
+    """Each classifier of the batched one-pass training is exactly what torch.optim.SGD
+    (momentum, weight decay, the cosine lr) gives for that lr alone on the same batches."""
+    x, y = clusters(300, 16, 4, seed=1)
+    lrs, epochs, batch, momentum, wd, seed = [0.01, 0.3, 3.0], 3, 64, 0.9, 1e-3, 5
+    clf, history = train_linear(x, y, lrs, 4, epochs=epochs, batch_size=batch,
+                                momentum=momentum, weight_decay=wd, seed=seed,
+                                eval_features=x, eval_labels=y)
+    assert history.shape == (epochs, len(lrs))
+
+    g = torch.Generator().manual_seed(seed)  # the same draws: init, then one perm per epoch
+    init = torch.randn(len(lrs), 16, 4, generator=g) * 0.01
+    perms = [torch.randperm(300, generator=g) for _ in range(epochs)]
+    total = epochs * math.ceil(300 / batch)
+    for i, lr in enumerate(lrs):
+        ref = torch.nn.Linear(16, 4)
+        with torch.no_grad():
+            ref.weight.copy_(init[i].T)
+            ref.bias.zero_()
+        opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+        step = 0
+        for perm in perms:
+            for start in range(0, 300, batch):
+                idx = perm[start:start + batch]
+                opt.param_groups[0]["lr"] = lr * batch / 256 * 0.5 * (
+                    1 + math.cos(math.pi * step / total))
+                opt.zero_grad()
+                F.cross_entropy(ref(x[idx]), y[idx]).backward()
+                opt.step()
+                step += 1
+        torch.testing.assert_close(clf.weight[i], ref.weight.T, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(clf.bias[i, 0], ref.bias, rtol=1e-4, atol=1e-6)
+    for i in range(len(lrs) - 1):  # the lrs really gave different classifiers
+        assert (clf.weight[i] - clf.weight[i + 1]).abs().max() > 1e-3
+
+
+def test_best_lr_is_the_max_over_lrs_and_epochs():
+    x, y = clusters(400, 8, 3, seed=2)
+    xt, yt = clusters(200, 8, 3, seed=2)  # same centres (same seed), fresh noise
+    lrs = [1e-4, 1e-2, 1.0]
+    r = linear_probe(x[:200], y[:200], xt, yt, lrs, epochs=10, batch_size=32)
+    assert r["lrs"] == lrs and len(r["top1"]) == len(r["final"]) == 3
+    assert r["best_top1"] == max(r["top1"]) and r["best_lr"] == lrs[r["top1"].index(max(r["top1"]))]
+    assert all(best >= last for best, last in zip(r["top1"], r["final"]))
+    assert r["top1"][0] < r["best_top1"]  # the tiny lr trails: the choice of lr matters
+
+
+def test_feature_spec_follows_the_official_protocol():
+    official = {"vit_small": (4, False), "vit_base": (1, True), "vit_large": (1, True)}
+    for arch, (n_blocks, avgpool) in official.items():
+        assert feature_spec(arch) == {"n_blocks": n_blocks, "avgpool": avgpool,
+                                      "standardize": False}
+    assert feature_spec("vit_demo") == {"n_blocks": 4, "avgpool": False, "standardize": True}
+    cfg = build_config("demo")
+    backbone = random_init_backbone(cfg)
+    source = DigitsDataset("test")
+    source.targets, source.images = source.targets[:8], source.images[:8]
+    f4, y = extract_features(backbone, source, 32, torch.device("cpu"), 4, False)
+    f1p, _ = extract_features(backbone, source, 32, torch.device("cpu"), 1, True)
+    assert f4.shape == (8, 4 * 128) and f1p.shape == (8, 2 * 128)
+    torch.testing.assert_close(f4[:, 3 * 128:], f1p[:, :128])  # CLS of the last block
+    with torch.no_grad():
+        from ibot_fast.eval.knn import eval_transform
+        x = torch.stack([eval_transform(source.load(i)[0], 32) for i in range(8)])
+        tokens = backbone.eval()(x)
+    torch.testing.assert_close(f1p[:, :128], tokens[:, 0])
+    torch.testing.assert_close(f1p[:, 128:], tokens[:, 1:].mean(1))
+    assert y.tolist() == source.targets.tolist()
+    # so the k-NN printed beside the probe (normalised last CLS) is the k-NN's own feature
+    knn_f, _ = knn_extract_features(backbone, source, 32, torch.device("cpu"))
+    torch.testing.assert_close(F.normalize(f4[:, 3 * 128:], dim=-1), knn_f)
+
+
+def test_linear_probe_beats_random_init_knn_on_digits(capsys):
+    """The linear probe (features once, 3 lrs in one pass; the demo model's defaults: CLS
+    of the last 4 blocks, standardised) on the digits test split, beside the k-NN of the
+    same random-init network (from the same features, the last block's CLS: see the test
+    above), which it must beat by a wide margin."""
+    torch.manual_seed(0)
+    cfg = build_config("demo")
+    backbone = random_init_backbone(cfg)
+    device = torch.device("cpu")
+    r = linear_eval_backbone(cfg, backbone, device, lrs=(0.01, 0.1, 1.0), epochs=30)
+    assert (r["n_train"], r["n_test"], r["dim"]) == (1437, 360, 512)
+    knn = r["knn"]
+    assert set(knn) == set(cfg.eval.knn_k)
+    with capsys.disabled():
+        print(f"\n  digits, random-init demo ViT: linear top-1 {r['best_top1']:.1f}% "
+              f"(lr {r['best_lr']}) vs k-NN {max(knn.values()):.1f}% (best k)")
+    assert r["best_top1"] > max(knn.values()) + 15
+    assert len(set(r["top1"])) == 3
+
+
+def save_checkpoint(path, cfg, backbone):
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    checkpoint.save(path, {"config": to_dict(cfg), "teacher": state, "student": state})
+    return path
+
+
+def image_folder(root, per_class):
+    """An ImageFolder tree of digit PNGs: train/<c>/ and val/<c>/, and one corrupt file."""
+    digits = DigitsDataset("all")
+    counts = {}
+    for i in range(len(digits)):
+        img, label = digits.load(i)
+        split = "train" if counts.get(label, 0) < per_class else "val"
+        if counts.get(label, 0) >= per_class + per_class // 2:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+        img.save(root / split / str(label) / f"{i}.png")
+    (root / "train" / "0" / "corrupt.png").write_bytes(b"not a png")
+    return root
+
+
+def test_cmd_linear_on_an_image_folder(tmp_path, capsys):
+    cfg = build_config("demo")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ckpt.pth", cfg, random_init_backbone(cfg))
+    data = image_folder(tmp_path / "digits", per_class=6)
+    assert cmd_linear(["--checkpoint", str(ckpt), "--which", "student", "--data", str(data),
+                       "--epochs", "5", "--lrs", "0.1", "1", "--batch-size", "16",
+                       "eval.knn_k=5,10"]) == 0
+    out = capsys.readouterr().out
+    assert "60 train / 30 held-out images" in out  # the corrupt file is skipped
+    assert "CLS of the last 4 blocks, standardised, dim 512" in out
+    assert out.count("<- best") == 1 and "linear top-1:" in out
+    assert "k-NN top-1 (same backbone, last CLS): k=5:" in out
+
+    with pytest.raises(UserError, match="--checkpoint"):
+        cmd_linear([])
+    with pytest.raises(UserError, match="n-blocks"):
+        cmd_linear(["--checkpoint", str(ckpt), "--data", str(data), "--n-blocks", "9"])
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    import torch
+    from ibot_fast import dist
+    from ibot_fast.config import build_config
+    from ibot_fast.data.datasets import DigitsDataset
+    from ibot_fast.eval.knn import random_init_backbone
+    from ibot_fast.eval.linear import extract_features
+
+    torch.set_num_threads(1)
+    rank, world, device = dist.init("cpu")
+    source = DigitsDataset("test")
+    source.targets, source.images = source.targets[:45], source.images[:45]
+    backbone = random_init_backbone(build_config("demo"), seed=3)
+    f, y = extract_features(backbone, source, 32, device, 2, True, batch_size=8)
+    torch.save((world, f, y), f"{sys.argv[1]}/rank{rank}.pt")
+    dist.destroy()
+""")
+
+
+def test_ddp_extraction_shards_and_gathers(tmp_path):
+    """Two gloo processes each extract half of 45 images (23 + 22); both get all 45
+    features, in the source's order, as one process computes them."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    source = DigitsDataset("test")
+    source.targets, source.images = source.targets[:45], source.images[:45]
+    backbone = random_init_backbone(build_config("demo"), seed=3)
+    f, y = extract_features(backbone, source, 32, torch.device("cpu"), 2, True, batch_size=8)
+    for rank in range(2):
+        world, fr, yr = torch.load(tmp_path / f"rank{rank}.pt")
+        assert world == 2
+        assert torch.equal(yr, y)
+        torch.testing.assert_close(fr, f, rtol=1e-5, atol=1e-5)
