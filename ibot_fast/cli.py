@@ -79,7 +79,10 @@ def cmd_demo(argv):
     start = time.time()
     random_acc = knn_eval_backbone(cfg, random_init_backbone(cfg).to(device), device)
     trainer = Trainer(cfg, resume=None)
-    trainer.run()
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
     trained_acc = knn_eval_backbone(cfg, trainer.teacher.backbone, device)
     minutes = (time.time() - start) / 60
     print()

@@ -81,6 +81,8 @@ def config_from_args(args):
 
 
 class Trainer:
+    """Everything one process needs to train: networks, loss, optimizer, data, state."""
+
     def __init__(self, cfg, resume=None):
         self.cfg = cfg
         self.rank, self.world_size, self.device = dist.init(cfg.train.device)
@@ -90,10 +92,35 @@ class Trainer:
         self.derived = derived(cfg, self.world_size)
         self.precision = self._resolve_precision()
         self.fast = cfg.train.impl == "fast"
+        self.fuse_ema = self.fast and cfg.optim.fuse_ema
+
+        backend = self._build_networks()
+        self.loss = build_loss(cfg).to(self.device)
+        self._build_optimizer()
+        self._build_data()
+
+        self.epoch, self.batch_in_epoch, self.iteration = 0, 0, 0
+        self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.nonfinite_run = torch.zeros_like(self.nonfinite_total)
+        self.nonfinite_max_run = torch.zeros_like(self.nonfinite_total)
+        self.n_bad_images = 0
+        self.stop_requested = False  # SIGTERM: checkpoint, then exit
+        self.save_requested = False  # SIGUSR1: checkpoint, then go on
+        self.json_log = JsonLog(self.out_dir / "log.jsonl", enabled=self.is_main)
+        if resume:
+            self.load(self.out_dir / "checkpoint.pth" if resume == "auto" else Path(resume))
+        log.info("iBOT %s: %s, %d process(es), device %s, precision %s, attention %s, "
+                 "global batch %d, lr %.3g, %d iterations/epoch",
+                 cfg.train.impl, cfg.model.arch, self.world_size, self.device, self.precision,
+                 backend, self.derived["global_batch"], self.derived["lr"],
+                 self.iters_per_epoch)
+
+    def _build_networks(self) -> str:
+        """Student (DDP-wrapped across processes) and teacher; returns the attention backend."""
+        cfg = self.cfg
         arch = ARCHS[cfg.model.arch]
         backend = resolve_backend(cfg.model.attention, self.device, arch["heads"],
                                   arch["dim"] // arch["heads"])
-
         torch.manual_seed(cfg.train.seed)  # same initial weights on every process
         student, teacher = build_student_teacher(cfg, backend)
         self.student_module = student.to(self.device)
@@ -112,9 +139,12 @@ class Trainer:
             self.teacher.forward_teacher_masked = torch.compile(self.teacher.forward_teacher_masked)
             self.teacher.forward = torch.compile(self.teacher.forward)
         torch.manual_seed(cfg.train.seed + self.rank)  # stochastic depth differs by process
+        self.last_layer = last_layer_params(self.student_module)
+        self.student_params = [p for p in self.student_module.parameters() if p.requires_grad]
+        return backend
 
-        self.loss = build_loss(cfg).to(self.device)
-        self.fuse_ema = self.fast and cfg.optim.fuse_ema
+    def _build_optimizer(self):
+        cfg = self.cfg
         if self.fuse_ema:
             if cfg.optim.name != "adamw" or self.precision == "fp16":
                 raise UserError("optim.fuse_ema=true needs optim.name=adamw and bf16/fp32")
@@ -125,13 +155,13 @@ class Trainer:
             self.optimizer = build_optimizer(cfg, self.student_module,
                                              fused=self.fast and cfg.optim.name == "adamw")
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        self.last_layer = last_layer_params(self.student_module)
-        self.student_params = [p for p in self.student_module.parameters() if p.requires_grad]
 
+    def _build_data(self):
+        cfg = self.cfg
         self.mask_rows = None  # fast path: rows of the masked-token buffer (static shape)
         if self.fast:
-            grid = self.derived["grid"]
-            sampler = sampler_from_config(cfg.masks, grid) if cfg.masks.enabled else None
+            sampler = sampler_from_config(cfg.masks, self.derived["grid"]) \
+                if cfg.masks.enabled else None
             n_crops = 2 * cfg.train.batch_size
             self.mask_rows = buffer_rows(sampler, n_crops) if sampler else 64
         self.loader = build_train_loader(cfg, self.world_size, self.rank, self.mask_rows,
@@ -139,20 +169,11 @@ class Trainer:
         self.iters_per_epoch = self.loader.batches_per_epoch
         self.sched = build_schedules(cfg, self.iters_per_epoch, self.derived["lr"])
 
-        self.epoch, self.batch_in_epoch, self.iteration = 0, 0, 0
-        self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.nonfinite_run = torch.zeros_like(self.nonfinite_total)
-        self.nonfinite_max_run = torch.zeros_like(self.nonfinite_total)
-        self.n_bad_images = 0
-        self.stop_requested = False
-        self.json_log = JsonLog(self.out_dir / "log.jsonl", enabled=self.is_main)
-        if resume:
-            self.load(self.out_dir / "checkpoint.pth" if resume == "auto" else Path(resume))
-        log.info("iBOT %s: %s, %d process(es), device %s, precision %s, attention %s, "
-                 "global batch %d, lr %.3g, %d iterations/epoch",
-                 cfg.train.impl, cfg.model.arch, self.world_size, self.device, self.precision,
-                 backend, self.derived["global_batch"], self.derived["lr"],
-                 self.iters_per_epoch)
+    def close(self):
+        """Stop the data workers (the trainer's state stays usable)."""
+        close = getattr(self.loader, "close", None)
+        if close is not None:
+            close()
 
     def _resolve_precision(self) -> str:
         p = self.cfg.train.precision
@@ -288,7 +309,8 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
         self._write_config()
         bar = ProgressBar(cfg.train.epochs, self.iters_per_epoch, enabled=self.is_main)
         status = "finished"
@@ -301,7 +323,8 @@ class Trainer:
             else:
                 status = "finished"
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if status == "epoch":
             status = "finished"
         log.info("training %s at epoch %d, iteration %d (non-finite steps skipped: %d, "
@@ -328,17 +351,20 @@ class Trainer:
                 bar.update(self.epoch, self.batch_in_epoch,
                            f"loss {record['loss']:.4f}  {record['img_per_s']:.0f} img/s",
                            force=True)
-                if self._should_stop():
-                    self.save()
-                    return "preempted"
             else:
                 bar.update(self.epoch, self.batch_in_epoch, "")
             if cfg.train.stop_at_iter and self.iteration >= cfg.train.stop_at_iter:
                 self.save()
                 return "stopped"
-            if self.world_size == 1 and self.stop_requested:
-                self.save()
-                return "preempted"
+            # signals are acted on at a step boundary; with several processes only on
+            # logging steps, where all of them agree (an all-reduce of the flags)
+            if self.world_size == 1 or is_log_step:
+                stop, save = self._agreed_requests()
+                if stop:
+                    self.save()
+                    return "preempted"
+                if save:
+                    self.save()
         return "epoch"
 
     def end_of_epoch(self):
@@ -370,6 +396,12 @@ class Trainer:
         if self.device.type == "cuda":
             record["mem_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.json_log.write(record)
+        read = self.iteration * self.cfg.train.batch_size
+        if self.n_bad_images > max(10, self.cfg.data.max_bad_fraction * read):
+            self.save()
+            raise UserError(f"{self.n_bad_images} of {read} image reads failed (more than "
+                            f"data.max_bad_fraction={self.cfg.data.max_bad_fraction}): is the "
+                            "data corrupt? (checkpoint saved)")
         max_run = int(self.nonfinite_max_run)
         if max_run >= self.cfg.train.max_nonfinite:
             self.save()
@@ -380,14 +412,23 @@ class Trainer:
         self.nonfinite_max_run.zero_()
         return record
 
-    def _on_sigterm(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
-        self.stop_requested = True
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGTERM:
+            log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
+            self.stop_requested = True
+        else:
+            log.info("SIGUSR1: saving a checkpoint at the next step boundary")
+            self.save_requested = True
 
-    def _should_stop(self) -> bool:
-        """Every process must agree to stop: the flag is all-reduced on logging steps."""
-        flag = torch.tensor([float(self.stop_requested)], device=self.device)
-        return bool(dist.all_reduce_(flag).item() > 0)
+    def _agreed_requests(self):
+        """(stop, save): local flags, or, with several processes, any process's flags."""
+        flags = (self.stop_requested, self.save_requested)
+        self.save_requested = False
+        if self.world_size == 1:
+            return flags
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        stop, save = (bool(v > 0) for v in dist.all_reduce_(t).tolist())
+        return stop, save
 
     def evaluate_knn(self):
         from .eval.knn import knn_eval_backbone
@@ -461,7 +502,7 @@ def train(cfg, resume=None) -> dict:
     try:
         return trainer.run()
     finally:
-        trainer.loader = None
+        trainer.close()
 
 
 def main(argv=None):

@@ -168,3 +168,83 @@ def test_main_prints_one_line_errors(tmp_path, capsys):
                  f"train.output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_sigusr1_saves_and_goes_on(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "train.stop_at_iter=4", "train.save_every=100"))
+    real_step = trainer.train_step
+
+    def step_then_signal(batch, it, epoch):
+        out = real_step(batch, it, epoch)
+        if it == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    trainer.train_step = step_then_signal
+    saved = []
+    real_save = trainer.save
+    trainer.save = lambda: (saved.append(trainer.iteration), real_save())
+    result = trainer.run()
+    assert result["status"] == "stopped" and result["iteration"] == 4
+    assert saved == [1, 4]  # on demand after the first step, then at the stop
+
+
+def test_corrupt_image_is_skipped_and_the_run_goes_on(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "data" / "a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"\x89PNG broken")
+    cfg = tiny_config(tmp_path / "run", "data.source=folder", f"data.path={tmp_path / 'data'}",
+                      "train.epochs=1")
+    result = Trainer(cfg).run()
+    assert result["status"] == "finished" and result["iteration"] == 2
+    assert result["bad_images"] == 1
+
+
+def test_apex_requested_but_absent_is_one_line_error(tmp_path):
+    try:
+        import apex.optimizers  # noqa: F401
+        pytest.skip("apex is installed here: the error path cannot be shown")
+    except ImportError:
+        pass
+    with pytest.raises(UserError, match="optim.name=apex_lamb needs NVIDIA apex"):
+        Trainer(tiny_config(tmp_path, "optim.name=apex_lamb"))
+
+
+def test_periodic_knn_is_logged(tmp_path):
+    import json
+
+    cfg = tiny_config(tmp_path, "eval.knn_every=1", "train.epochs=1", "data.source=digits",
+                      "train.stop_at_iter=0", "data.synthetic_size=24")
+    trainer = Trainer(cfg)
+    trainer.iters_per_epoch = 1  # one step of the digits epoch is enough here
+    trainer.loader.batch_sampler.batches_per_epoch = 1
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    knn = [r for r in records if "knn_top1_k20" in r]
+    assert len(knn) == 1 and 0 <= knn[0]["knn_top1_k20"] <= 100
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "dali"])
+def test_process_exits_with_persistent_workers(tmp_path, pipeline):
+    """The workers ignore SIGTERM (pre-emption safety): they must still be shut down at
+    interpreter exit, even when nobody calls Trainer.close()."""
+    import subprocess
+    import sys
+
+    if pipeline == "dali":
+        pytest.importorskip("nvidia.dali")
+    script = ("import logging; logging.disable(logging.WARNING)\n"
+              "from ibot_fast.config import build_config\n"
+              "from ibot_fast.train import Trainer\n"
+              f"cfg = build_config('demo', ['train.output_dir={tmp_path}', 'train.batch_size=16',"
+              f" 'train.stop_at_iter=2', 'data.num_workers=2', 'data.pipeline={pipeline}'])\n"
+              "Trainer(cfg).run()\n")
+    proc = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

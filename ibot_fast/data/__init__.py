@@ -3,8 +3,10 @@
 `build_train_loader` returns a `TrainLoader`: iterate it per epoch after
 `set_epoch(epoch, start_batch)`; each batch is a dict (see `cpu.Collate`).
 """
+import atexit
 import logging
 import signal
+import weakref
 
 import torch
 
@@ -37,10 +39,21 @@ def resolve_pipeline(name: str, device: torch.device) -> str:
 
 
 class TrainLoader:
-    """Batches for one process, epoch by epoch, resumable at a batch boundary."""
+    """Batches for one process, epoch by epoch, resumable at a batch boundary.
+
+    The DataLoader's workers are persistent and ignore SIGTERM (see `_ignore_sigterm`), so
+    they must be shut down through the DataLoader's own protocol: `close()`, called by the
+    trainer at the end and, as a safety net, at interpreter exit (before multiprocessing
+    would try to terminate them with the very signal they ignore).
+    """
 
     def __init__(self, loader, batch_sampler, dataset):
         self.loader, self.batch_sampler, self.dataset = loader, batch_sampler, dataset
+        self._finalizer = weakref.finalize(self, _shutdown_workers, loader)
+        atexit.register(self._finalizer)
+
+    def close(self):
+        self._finalizer()
 
     @property
     def batches_per_epoch(self) -> int:
@@ -89,6 +102,14 @@ def build_train_loader(cfg, world_size=1, rank=0, index_rows=None, device=None) 
         # (stochastic depth uses it, and a resumed run must see the same draws)
         generator=torch.Generator().manual_seed(cfg.train.seed))
     return TrainLoader(loader, batch_sampler, dataset)
+
+
+def _shutdown_workers(loader):
+    """Stop a DataLoader's persistent workers the way its iterator does when deleted."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
 
 
 def _ignore_sigterm(_worker_id):

@@ -92,6 +92,7 @@ raised. JPEGs that libjpeg-turbo decodes with a warning are kept (PIL rejects so
 
 Nothing runs at import time; without DALI, building a loader raises a one-line UserError.
 """
+import atexit
 import io
 import logging
 import math
@@ -510,13 +511,16 @@ class DaliTrainLoader:
                           else torch.cuda.current_device()) if self.gpu else None
         self.half = dtype in (torch.float16, torch.bfloat16)
         self.staging = torch.float16 if self.half else torch.float32
-        from . import _ignore_sigterm
+        from . import _ignore_sigterm, _shutdown_workers
 
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch if num_workers > 0 else None,
             worker_init_fn=_ignore_sigterm, generator=torch.Generator().manual_seed(seed))
+        # the workers ignore SIGTERM: stop them through the DataLoader (see TrainLoader)
+        self._finalizer = weakref.finalize(self, _shutdown_workers, self.loader)
+        atexit.register(self._finalizer)
         self.pipe = None
         self._batches = None  # this epoch's prepared batches (DataLoader iterator)
         self._refeed = deque()  # batches to feed again after a pipeline rebuild
@@ -532,6 +536,10 @@ class DaliTrainLoader:
 
     def __len__(self):
         return len(self.batch_sampler)
+
+    def close(self):
+        """Stop the reader workers."""
+        self._finalizer()
 
     def _next_inputs(self):
         """external_source's callback (runs in `schedule_run`): the next batch's inputs."""
