@@ -2,8 +2,9 @@
 #   make demo   create/refresh .venv, install, pre-train on the embedded digits, print k-NN
 #   make test   create/refresh .venv, install, run the test suite
 # Without a GPU the CPU build of torch is installed (torch==2.13.0, with triton==3.6.0, the
-# release the GPU machines run, for the interpreter); with one, the CUDA build from the
-# default index. Override: make test TORCH="torch==2.11.0 triton==3.6.0".
+# release the GPU machines run, for the interpreter, and numpy<2.4, which that interpreter
+# needs: see kernels/utils.py:check_interpreter); with one, the CUDA build from the
+# default index. Override: make test TORCH="torch==2.11.0 triton==3.6.0 numpy<2.4".
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ ifeq ($(HAS_GPU),yes)
 TORCH ?= torch
 EXTRAS ?= dev,gpu
 else
-TORCH ?= torch==2.13.0 triton==3.6.0
+TORCH ?= torch==2.13.0 triton==3.6.0 "numpy<2.4"
 EXTRAS ?= dev,dali
 endif
 
@@ -25,7 +26,7 @@ $(VENV)/.installed: setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing into $(VENV) (gpu: $(HAS_GPU), torch: $(TORCH))"
 	$(PIP) install $(TORCH)
-	$(PIP) install -e ".[$(EXTRAS)]"
+	$(PIP) install -e ".[$(EXTRAS)]" $(TORCH)
 	@touch $@
 
 install: $(VENV)/.installed

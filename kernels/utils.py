@@ -1,6 +1,8 @@
 """Small helpers shared by the kernel files: when to launch Triton, block sizes."""
+import functools
 import os
 
+import numpy as np
 import torch
 
 
@@ -21,7 +23,29 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     device = devices.pop() if devices else "cpu"
     if device == "cuda":
         return True
-    return device == "cpu" and interpreter_on()
+    if device == "cpu" and interpreter_on():
+        check_interpreter()
+        return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def check_interpreter() -> None:
+    """Fail in one line on a Triton interpreter that cannot run with this numpy.
+
+    Triton 3.6's interpreter turns a program id (a 1-element array) into a loop bound
+    with `int(array)`, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be
+    converted to Python scalars"); later Triton releases squeeze the array first.
+    """
+    import triton.runtime.interpreter as interp
+    numpy_version = tuple(int(p) for p in np.__version__.split(".")[:2])
+    with open(interp.__file__) as f:
+        unsqueezed = "int(self.handle.data))" in f.read()
+    if unsqueezed and numpy_version >= (2, 4):
+        import triton
+        raise RuntimeError(
+            f"the Triton {triton.__version__} interpreter cannot run with numpy "
+            f"{np.__version__}: install numpy<2.4 (as `make test` does) or a newer triton")
 
 
 def next_power_of_2(n: int) -> int:
