@@ -4,7 +4,7 @@
 # Without a GPU the CPU build of torch is installed (torch==2.13.0, with triton==3.6.0, the
 # release the GPU machines run, for the interpreter, and numpy<2.4, which that interpreter
 # needs: see kernels/utils.py:check_interpreter); with one, the CUDA build from the
-# default index. Override: make test TORCH="torch==2.11.0 triton==3.6.0 numpy<2.4".
+# default index. Override: make test TORCH="torch==2.11.0 triton==3.6.0 'numpy<2.4'".
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +16,7 @@ ifeq ($(HAS_GPU),yes)
 TORCH ?= torch
 EXTRAS ?= dev,gpu
 else
-TORCH ?= torch==2.13.0 triton==3.6.0 "numpy<2.4"
+TORCH ?= torch==2.13.0 triton==3.6.0 'numpy<2.4'
 EXTRAS ?= dev,dali
 endif
 

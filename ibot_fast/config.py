@@ -47,6 +47,7 @@ class DataConfig:
     n_local: int = 10  # local crops per image (0 works)
     global_scale: Tuple[float, float] = (0.14, 1.0)  # RandomResizedCrop area range, global
     local_scale: Tuple[float, float] = (0.05, 0.4)  # RandomResizedCrop area range, local
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range, in pixels
     num_workers: int = 8  # DataLoader worker processes (cpu pipeline) / DALI threads
     prefetch: int = 2  # batches prefetched per worker (cpu) / queue depth (dali)
     synthetic_size: int = 4096  # images in the synthetic source
@@ -77,6 +78,7 @@ class LossConfig:
     lambda1: float = 1.0  # weight of the CLS (DINO) term
     lambda2: float = 1.0  # weight of the patch (MIM) term
     center2_from: str = "all"  # all (official: teacher head on all patches) | masked (DINOv2)
+    centering: str = "center"  # center (iBOT: EMA center + sharpening) | sinkhorn (DINOv2)
     fused_last_layer: bool = False  # fast path: last layer + patch loss in one kernel
 
 
@@ -268,6 +270,7 @@ _CHOICES = {
     "data.pipeline": ("cpu", "dali", "auto"),
     "masks.sampler": ("iid", "stratified"),
     "loss.center2_from": ("all", "masked"),
+    "loss.centering": ("center", "sinkhorn"),
     "optim.name": ("adamw", "apex_adamw", "apex_lamb"),
     "optim.clip_mode": ("global", "per_param"),
     "train.impl": ("reference", "fast"),
@@ -298,6 +301,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.source in ("folder", "webdataset") and not cfg.data.path:
         raise UserError(f"data.source={cfg.data.source} needs a path: pass --data PATH (an "
                         "ImageFolder tree, or webdataset .tar shards)")
+    if cfg.loss.fused_last_layer and cfg.loss.centering != "center":
+        raise UserError("loss.fused_last_layer=true computes the teacher logits on chip and "
+                        "needs loss.centering=center")
     if cfg.data.n_local < 0 or cfg.train.batch_size < 1 or cfg.train.epochs < 1:
         raise UserError("data.n_local must be >= 0, train.batch_size and train.epochs >= 1")
 

@@ -11,6 +11,11 @@ after the loss, with the teacher outputs of this step averaged over all processe
 `impl="reference"` computes the official eager formula; `impl="fast"` computes the same
 numbers through `ibot_fast.kernels.centered_softmax_ce` (one fused pass per row, no
 probabilities in memory) and, with `forward_masked`, on the masked rows only.
+
+`centering="sinkhorn"` replaces centering + sharpening of the teacher by DINOv2's
+Sinkhorn-Knopp normalisation (3 iterations over the global batch: every prototype gets
+the same total mass). It is an option, not iBOT's semantics; it resists the uniform
+collapse that small batches and small datasets provoke (see the demo preset).
 """
 import numpy as np
 import torch
@@ -40,15 +45,54 @@ def _at(schedule: np.ndarray, epoch) -> float:
     return float(np.interp(epoch, np.arange(len(schedule)), schedule))
 
 
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iters: int = 3,
+                   valid: torch.Tensor = None) -> torch.Tensor:
+    """Teacher targets by Sinkhorn-Knopp (DINOv2): [rows, K] probabilities.
+
+    Q = exp(logits / temp), then alternately every prototype (column) is given mass 1/K
+    and every row mass 1/n, over the rows of all processes (`valid` rows only: padding
+    rows get a uniform row that no loss term reads). Rows sum to 1 on return.
+    """
+    x = _fp32(logits) / temp
+    n_valid = (valid.sum() if valid is not None else torch.tensor(x.shape[0])).to(x)
+    top = x.max() if valid is None else torch.where(valid[:, None], x, -torch.inf).max()
+    if _distributed():
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        dist.all_reduce(n_valid)
+    q = torch.exp(x - top)  # a global scale: Sinkhorn-Knopp is invariant to it
+    if valid is not None:
+        q = q * valid[:, None]
+    K = q.shape[1]
+    for _ in range(n_iters):
+        per_prototype = q.sum(0)
+        if _distributed():
+            dist.all_reduce(per_prototype)
+        q = q / per_prototype.clamp_min(1e-30) / K
+        q = q / q.sum(1, keepdim=True).clamp_min(1e-30) / n_valid
+    q = q * n_valid
+    if valid is not None:
+        q = torch.where(valid[:, None], q, 1.0 / K)
+    return q
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class IBOTLoss(nn.Module):
     def __init__(self, out_dim, patch_out_dim, n_local_crops, warmup_teacher_temp,
                  teacher_temp, warmup_teacher_patch_temp, teacher_patch_temp,
                  warmup_teacher_temp_epochs, n_epochs, student_temp=0.1, center_momentum=0.9,
-                 center_momentum2=0.9, lambda1=1.0, lambda2=1.0, impl="reference"):
+                 center_momentum2=0.9, lambda1=1.0, lambda2=1.0, impl="reference",
+                 centering="center"):
         super().__init__()
         if impl not in ("reference", "fast"):
             raise ValueError(f"impl must be 'reference' or 'fast', got {impl!r}")
+        if centering not in ("center", "sinkhorn"):
+            raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
         self.impl = impl
+        self.centering = centering
         self.n_crops = N_GLOBAL + n_local_crops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
@@ -71,6 +115,19 @@ class IBOTLoss(nn.Module):
 
     # -- the loss ------------------------------------------------------------------------
 
+    def teacher_args(self, teacher, center, temp, valid=None):
+        """(logits, center, temperature) whose centred softmax is the teacher target:
+        iBOT's (t, c, tt), or for Sinkhorn-Knopp (log P, 0, 1), so that both the eager
+        formula and the kernels take either unchanged."""
+        if self.centering == "center":
+            return teacher.detach(), center, temp
+        p = sinkhorn_knopp(teacher, temp, valid=valid)
+        return p.clamp_min(1e-30).log(), torch.zeros_like(center), 1.0
+
+    def _update_centers(self, teacher_cls, patch_sum, n_patch_rows):
+        if self.centering == "center":  # Sinkhorn-Knopp uses no centers
+            self.update_center(teacher_cls, patch_sum, n_patch_rows)
+
     def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks, epoch):
         """Shapes: student_cls [(2+L)B, K] crop-major, student_patch [2B, N, K2],
         teacher_cls [2B, K], teacher_patch [2B, N, K2], masks [2B, N] bool.
@@ -87,8 +144,8 @@ class IBOTLoss(nn.Module):
             cls = self._cls_loss_fast(student_cls, teacher_cls, tt)
             patch = self._patch_loss_fast(student_patch, teacher_patch, masks, tt2)
         cls, patch = self.lambda1 * cls, self.lambda2 * patch
-        self.update_center(teacher_cls, _fp32(teacher_patch).mean(1).sum(0),
-                           teacher_patch.shape[0])
+        self._update_centers(teacher_cls, _fp32(teacher_patch).mean(1).sum(0),
+                             teacher_patch.shape[0])
         return {"loss": cls + patch, "cls": cls, "patch": patch}
 
     def forward_masked(self, student_cls, student_patch, teacher_cls, teacher_patch,
@@ -110,25 +167,29 @@ class IBOTLoss(nn.Module):
         tt, tt2 = self.teacher_temp(epoch), self.teacher_patch_temp(epoch)
         cls = self.lambda1 * self._cls_loss_fast(student_cls, teacher_cls, tt)
         if last_layers is None:
+            t, c, temp = self.teacher_args(teacher_patch, self.center2, tt2, row_weight > 0)
             rows, colsum = centered_softmax_ce_and_colsum(
-                student_patch, teacher_patch.detach(), self.center2, self.student_temp, tt2,
-                weight=row_weight)
+                student_patch, t, c, self.student_temp, temp, weight=row_weight)
         else:
+            if self.centering != "center":
+                raise ValueError("the fused last layer computes the teacher logits on chip: "
+                                 "it needs centering='center'")
             (v_s, g_s), (v_t, g_t) = last_layers
             rows, colsum = fused_head_ce(student_patch, v_s, g_s, teacher_patch.detach(),
                                          v_t.detach(), g_t.detach(), self.center2,
                                          self.student_temp, tt2, weight=row_weight)
         patch = self.lambda2 * rows.sum()
         if patch_sum is None:
-            self.update_center(teacher_cls, colsum, n_rows)
+            self._update_centers(teacher_cls, colsum, n_rows)
         else:
-            self.update_center(teacher_cls, patch_sum, teacher_cls.shape[0])
+            self._update_centers(teacher_cls, patch_sum, teacher_cls.shape[0])
         return {"loss": cls + patch, "cls": cls, "patch": patch}
 
     def _cls_loss_reference(self, student_cls, teacher_cls, tt):
         """Official eager formula: mean over the (2 x (n_crops - 1)) CLS terms."""
         s = (_fp32(student_cls) / self.student_temp).chunk(self.n_crops)
-        t = F.softmax((_fp32(teacher_cls) - self.center) / tt, dim=-1).detach().chunk(N_GLOBAL)
+        t, c, temp = self.teacher_args(teacher_cls, self.center, tt)
+        t = F.softmax((_fp32(t) - c) / temp, dim=-1).detach().chunk(N_GLOBAL)
         total, n_terms = 0.0, 0
         for q in range(N_GLOBAL):
             for v in range(self.n_crops):
@@ -140,8 +201,11 @@ class IBOTLoss(nn.Module):
     def _patch_loss_reference(self, student_patch, teacher_patch, masks, tt2):
         """Official eager formula over every patch token, weighted by the masks."""
         s = (_fp32(student_patch) / self.student_temp).chunk(N_GLOBAL)
-        t = F.softmax((_fp32(teacher_patch) - self.center2) / tt2, dim=-1).detach()
-        t = t.chunk(N_GLOBAL)
+        K2 = teacher_patch.shape[-1]
+        t, c, temp = self.teacher_args(teacher_patch.reshape(-1, K2), self.center2, tt2,
+                                       masks.reshape(-1))
+        t = F.softmax((_fp32(t) - c) / temp, dim=-1).detach()
+        t = t.view_as(teacher_patch).chunk(N_GLOBAL)
         m = masks.to(s[0].dtype).chunk(N_GLOBAL)
         total = 0.0
         for q in range(N_GLOBAL):
@@ -158,11 +222,11 @@ class IBOTLoss(nn.Module):
         B = teacher_cls.shape[0] // N_GLOBAL
         pairs = [(q, v) for q in range(N_GLOBAL) for v in range(self.n_crops) if v != q]
         s_rows = torch.cat([student_cls[v * B:(v + 1) * B] for _, v in pairs])
-        t_rows = torch.cat([teacher_cls[q * B:(q + 1) * B] for q, _ in pairs])
         # s_rows is a fresh buffer read by nothing else: the kernel may write the gradient
         # into it during the forward (no separate gradient buffer, teacher rows freed)
-        rows = centered_softmax_ce(s_rows, t_rows.detach(), self.center, self.student_temp, tt,
-                                   inplace_grad=True)
+        t, c, temp = self.teacher_args(teacher_cls, self.center, tt)
+        t_rows = torch.cat([t[q * B:(q + 1) * B] for q, _ in pairs])
+        rows = centered_softmax_ce(s_rows, t_rows, c, self.student_temp, temp, inplace_grad=True)
         return rows.sum() / (B * len(pairs))
 
     def _patch_loss_fast(self, student_patch, teacher_patch, masks, tt2):
@@ -174,9 +238,10 @@ class IBOTLoss(nn.Module):
         weight = masks.float() / masks.float().sum(-1, keepdim=True).clamp(min=1.0)
         weight = (weight / (B * N_GLOBAL)).reshape(-1)
         K2 = student_patch.shape[-1]
-        rows = centered_softmax_ce(student_patch.reshape(-1, K2),
-                                   teacher_patch.reshape(-1, K2).detach(), self.center2,
-                                   self.student_temp, tt2, weight=weight)
+        t, c, temp = self.teacher_args(teacher_patch.reshape(-1, K2), self.center2, tt2,
+                                       masks.reshape(-1))
+        rows = centered_softmax_ce(student_patch.reshape(-1, K2), t, c, self.student_temp, temp,
+                                   weight=weight)
         return rows.sum()
 
     # -- centers -------------------------------------------------------------------------
@@ -196,7 +261,7 @@ class IBOTLoss(nn.Module):
                            patch_sum.detach().to(self.center.dtype)])
         counts = [float(teacher_cls.shape[0]), float(n_patch_rows)]
         work = None
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _distributed():
             work = dist.all_reduce(stats, async_op=True)
             counts = [c * dist.get_world_size() for c in counts]
         self._pending = (work, stats, counts)
@@ -236,4 +301,4 @@ def build_loss(cfg, impl: str = None) -> IBOTLoss:
         warmup_teacher_temp_epochs=c.warmup_teacher_temp_epochs, n_epochs=cfg.train.epochs,
         student_temp=c.student_temp, center_momentum=c.center_momentum,
         center_momentum2=c.center_momentum2, lambda1=c.lambda1, lambda2=c.lambda2,
-        impl=impl or cfg.train.impl)
+        impl=impl or cfg.train.impl, centering=c.centering)

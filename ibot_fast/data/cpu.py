@@ -2,7 +2,8 @@
 
 Every crop: RandomResizedCrop (bicubic), horizontal flip p=0.5, colour jitter
 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in random order) with p=0.8,
-grayscale p=0.2; Gaussian blur with sigma ~ U(0.1, 2.0) with p = 1.0 (global crop 1),
+grayscale p=0.2; Gaussian blur with sigma ~ U(0.1, 2.0) pixels (`data.blur_sigma`: the
+paper's range is for 224 px crops) with p = 1.0 (global crop 1),
 0.1 (global crop 2), 0.5 (each local crop); solarisation (threshold 128) p=0.2 on global
 crop 2 only; ImageNet normalisation. Written with PIL and numpy (torchvision is not
 needed); the operations and their parameter draws follow torchvision's.
@@ -113,9 +114,10 @@ class MultiCropAugmentation:
     GLOBAL1, GLOBAL2, LOCAL = (1.0, 0.0), (0.1, 0.2), (0.5, 0.0)
 
     def __init__(self, global_size=224, local_size=96, n_local=10,
-                 global_scale=(0.14, 1.0), local_scale=(0.05, 0.4)):
+                 global_scale=(0.14, 1.0), local_scale=(0.05, 0.4), blur_sigma=(0.1, 2.0)):
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.blur_sigma = tuple(blur_sigma)
 
     def crop(self, img, size, scale, blur_p, solarize_p, rng):
         out, area = random_resized_crop(img, size, scale, rng)
@@ -130,7 +132,7 @@ class MultiCropAugmentation:
             out = out.convert("L").convert("RGB")
         rec["blur"] = rng.random() < blur_p
         if rec["blur"]:
-            out = out.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+            out = out.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_sigma)))
         rec["solarize"] = rng.random() < solarize_p
         if rec["solarize"]:
             out = ImageOps.solarize(out, threshold=128)
@@ -279,4 +281,4 @@ class Collate:
 def build_augmentation(cfg) -> MultiCropAugmentation:
     d = cfg.data
     return MultiCropAugmentation(d.global_size, d.local_size, d.n_local, d.global_scale,
-                                 d.local_scale)
+                                 d.local_scale, d.blur_sigma)
