@@ -43,6 +43,8 @@ def test_overrides_are_typed():
     (["model.arch=vit_huge"], "model.arch='vit_huge' is not one of"),
     (["data.global_size=30"], "not a multiple of model.patch_size"),
     (["data.source=folder"], "--data PATH"),
+    (["loss.centering=sinkhorn", "loss.fused_last_layer=true"], "needs loss.centering=center"),
+    (["loss.centering=swav"], "loss.centering='swav' is not one of"),
 ])
 def test_bad_overrides_are_one_line_errors(overrides, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")) as e:

@@ -573,3 +573,26 @@ def test_webdataset_bad_member_is_skipped(tmp_path):
     loader.set_epoch(0)
     (batch,) = list(loader)
     assert batch["n_bad"] == 1 and "broken.jpg" in batch["bad"][0]
+
+
+def test_blur_sigma_range_reaches_both_pipelines(monkeypatch):
+    """`data.blur_sigma` sets the blur range of the CPU crops and of the DALI plan alike."""
+    from ibot_fast.config import build_config
+    from ibot_fast.data import cpu
+    aug = cpu.build_augmentation(build_config("demo", ["data.blur_sigma=0.2,0.4"]))
+    assert aug.blur_sigma == (0.2, 0.4)
+    radii = []
+
+    def recording_blur(radius):
+        radii.append(radius)
+        return cpu.ImageFilter.BoxBlur(0)
+
+    monkeypatch.setattr(cpu.ImageFilter, "GaussianBlur", recording_blur)
+    img = Image.new("RGB", (40, 40), (90, 30, 200))
+    for i in range(30):
+        aug(img, sample_rng(0, 0, i))
+    assert radii and min(radii) >= 0.2 and max(radii) <= 0.4
+    params = np.stack([D.plan_sample(40, 40, D.crop_specs(aug), sample_rng(0, 0, i),
+                                     aug.blur_sigma) for i in range(30)])
+    sigma = params[:, 0, D.COL["sigma"]]  # global crop 1: always blurred
+    assert sigma.min() >= 0.2 and sigma.max() <= 0.4 and sigma.std() > 0

@@ -151,3 +151,90 @@ def test_fast_impl_equals_reference(n_local):
             torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fast.center, ref.center)
     torch.testing.assert_close(fast.center2, ref.center2)
+
+
+# -- Sinkhorn-Knopp centering (DINOv2 option) ---------------------------------------------
+
+def test_sinkhorn_knopp_balances_prototypes_over_valid_rows():
+    from ibot_fast.loss import sinkhorn_knopp
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, K, generator=g, dtype=torch.float64) * 0.3
+    valid = torch.rand(40, generator=g) < 0.7
+    q = sinkhorn_knopp(logits, 0.05, n_iters=200, valid=valid)
+    torch.testing.assert_close(q.sum(1), torch.ones(40, dtype=q.dtype))
+    n = int(valid.sum())
+    torch.testing.assert_close(q[valid].sum(0), torch.full((K,), n / K, dtype=q.dtype),
+                               rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(q[~valid], torch.full_like(q[~valid], 1.0 / K))
+    # padding rows change nothing for the valid ones
+    torch.testing.assert_close(sinkhorn_knopp(logits[valid], 0.05, n_iters=200), q[valid])
+    # the default 3 iterations already spread the mass more evenly than the softmax does
+    soft = torch.softmax(logits / 0.05, -1).sum(0)
+    q3 = sinkhorn_knopp(logits, 0.05).sum(0)
+    assert q3.std() < 0.75 * soft.std()
+
+
+def _sinkhorn_loss_loop(s_cls, s_patch, t_cls, t_patch, masks, n_local, tt, tt2, ts=0.1):
+    """§1.4 with the teacher targets replaced by Sinkhorn-Knopp, written as loops."""
+    from ibot_fast.loss import sinkhorn_knopp
+    n_crops = 2 + n_local
+    q_cls = sinkhorn_knopp(t_cls, tt)
+    flat = t_patch.reshape(-1, t_patch.shape[-1])
+    q_patch = sinkhorn_knopp(flat, tt2, valid=masks.reshape(-1)).view_as(t_patch)
+    cls_terms = []
+    for q in range(2):
+        for v in range(n_crops):
+            if v == q:
+                continue
+            per_image = [-(q_cls[q * B + b] *
+                           torch.log_softmax(s_cls[v * B + b] / ts, -1)).sum()
+                         for b in range(B)]
+            cls_terms.append(sum(per_image) / B)
+    patch_terms = []
+    for q in range(2):
+        per_image = []
+        for b in range(B):
+            i = q * B + b
+            ce = -(q_patch[i] * torch.log_softmax(s_patch[i] / ts, -1)).sum(-1)
+            per_image.append((ce * masks[i]).sum() / max(1, int(masks[i].sum())))
+        patch_terms.append(sum(per_image) / B)
+    return sum(cls_terms) / len(cls_terms), sum(patch_terms) / 2
+
+
+@pytest.mark.parametrize("n_local", [0, 2])
+def test_sinkhorn_centering_equals_loop_and_keeps_centers(n_local):
+    loss = make_loss(n_local, centering="sinkhorn")
+    s_cls, s_patch, t_cls, t_patch, masks = make_inputs(n_local, seed=5)
+    s_cls.requires_grad_(True)
+    t_cls.requires_grad_(True)
+    out = loss(s_cls, s_patch, t_cls, t_patch, masks, epoch=7)
+    cls, patch = _sinkhorn_loss_loop(s_cls, s_patch, t_cls.detach(), t_patch, masks, n_local,
+                                     0.07, 0.07)
+    torch.testing.assert_close(out["cls"], cls)
+    torch.testing.assert_close(out["patch"], patch)
+    out["loss"].backward()
+    assert t_cls.grad is None and s_cls.grad is not None
+    assert not loss.center.any() and not loss.center2.any()  # no centers are kept
+
+
+@pytest.mark.parametrize("n_local", [0, 2])
+def test_sinkhorn_fast_impl_equals_reference(n_local):
+    ref = make_loss(n_local, centering="sinkhorn").float()
+    fast = make_loss(n_local, impl="fast", centering="sinkhorn").float()
+    inputs = [x.float() if x.is_floating_point() else x for x in make_inputs(n_local, 9)]
+    s_cls, s_patch, t_cls, t_patch, masks = inputs
+    outs, grads = [], []
+    for loss in (ref, fast):
+        a, b = s_cls.clone().requires_grad_(True), s_patch.clone().requires_grad_(True)
+        out = loss(a, b, t_cls, t_patch, masks, 1)
+        grads.append(torch.autograd.grad(out["loss"], [a, b]))
+        outs.append(out)
+    for key in ("loss", "cls", "patch"):
+        torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-5, atol=1e-5)
+    for g_fast, g_ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_centering_is_an_error():
+    with pytest.raises(ValueError, match="centering"):
+        make_loss(0, centering="softmax")

@@ -123,3 +123,17 @@ def test_row_weights_reproduce_the_official_average():
     assert rows.weight[:4].tolist() == [1 / 16] * 4  # 1 / (2B * 4), 2B = 4 crops
     assert rows.weight[4].item() == 1 / 4 and rows.weight[5:].abs().sum() == 0
     assert rows.token_index().tolist() == [1, 2, 3, 4, 3 * 11 + 1 + 2]
+
+
+def test_masked_path_with_sinkhorn_equals_full_token(twins):
+    """Sinkhorn-Knopp over the masked rows only (padding rows excluded) gives the full-token
+    path's loss and gradients, where the masks select the same rows."""
+    cfg, student, teacher, g, loc = setup(torch.float64)
+    cfg.loss.centering = "sinkhorn"
+    masks, rows = draw_masks("iid")
+    ref, ref_grads, _ = full_token(cfg, student, teacher, g, loc, masks, torch.float64)
+    out, grads, _ = masked_path(cfg, student, teacher, g, loc, masks, rows, torch.float64)
+    for key in ("loss", "cls", "patch"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)

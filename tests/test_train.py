@@ -113,22 +113,26 @@ def test_resume_other_architecture_is_one_line_error(tmp_path):
 def test_non_finite_loss_is_skipped_then_aborts(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "train.max_nonfinite=3", impl="fast")
     trainer = Trainer(cfg)
-    real_forward = trainer.loss.forward
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
-        out = real_forward(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] >= 2:  # from the second step on, the loss is NaN
-            out = {k: v * float("nan") for k, v in out.items()}
-        return out
+    def poisoned(real):
+        def loss(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] >= 2:  # from the second step on, the loss is NaN
+                out = {k: v * float("nan") for k, v in out.items()}
+            return out
+        return loss
 
-    monkeypatch.setattr(trainer.loss, "forward", poisoned)
+    # the fast path's masked-token loss, the full-token one too should the config change
+    for name in ("forward", "forward_masked"):
+        monkeypatch.setattr(trainer.loss, name, poisoned(getattr(trainer.loss, name)))
     trainer.loader.set_epoch(0)
     batches = list(trainer.loader)
     trainer.train_step(batches[0], 1, 1)
     before = params(trainer.student_module)
     trainer.train_step(batches[1], 2, 1)
+    assert calls["n"] == 2
     assert all(torch.equal(before[n], p) for n, p in params(trainer.student_module).items())
     assert int(trainer.nonfinite_total) == 1
     with pytest.raises(TrainingDiverged, match="non-finite losses in a row"):
