@@ -90,7 +90,25 @@ def cmd_demo(argv):
     print(f"  random init       {format_results(random_acc)}")
     print(f"  iBOT teacher      {format_results(trained_acc)}")
     print(f"checkpoint: {args.output_dir}/checkpoint.pth   log: {args.output_dir}/log.jsonl")
+    if cfg.data.source == "digits":
+        print(f"pictures:   {' '.join(str(p) for p in demo_pictures(cfg, args.output_dir))}")
     return 0
+
+
+def demo_pictures(cfg, output_dir) -> list:
+    """The demo run's training curves, and the teacher's CLS attention over a held-out
+    digit (the image is written beside it): three files in output_dir."""
+    from pathlib import Path
+
+    from .data.datasets import build_dataset
+    from .show import show_attention, show_curves
+
+    out = Path(output_dir)
+    image, _ = build_dataset(cfg, "test").load(0)
+    image.save(out / "digit.png")
+    return [show_curves(out, out / "curves.png"),
+            show_attention(out / "checkpoint.pth", out / "digit.png", out / "attention.png"),
+            out / "digit.png"]
 
 
 def cmd_keys(argv):
