@@ -99,8 +99,8 @@ def test_masked_path_through_the_kernels_fp32():
         out, grads, loss = masked_path(cfg, student, teacher, g, loc, masks, rows,
                                        torch.float32, fused=fused)
         torch.testing.assert_close(out["loss"], ref["loss"], rtol=1e-5, atol=1e-5)
-        for a, b in zip(grads, ref_grads):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+        for a, b in zip(grads, ref_grads):  # fp32 sums in another order: scale-aware atol
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
         torch.testing.assert_close(loss.center2, ref_loss.center2, rtol=1e-4, atol=1e-6)
 
 
