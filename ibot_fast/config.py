@@ -154,8 +154,8 @@ PRESETS = {
     # CPU, embedded digits (32 px renders of sklearn's 8x8 digits), ~4 min on 2 cores.
     # A 4 px patch gives an 8x8 grid for global crops and 4x4 for 16 px local crops.
     # At this scale the CLS (DINO) term goes uniform within a few dozen steps whatever the
-    # temperatures (README, "The demo"); the patch term carries the learning, and more,
-    # smaller steps learn more per epoch (batch 32 > 64 > 128 at 12 epochs).
+    # temperatures (README, "The demo"); the patch term does not, k-NN still improves, and
+    # more, smaller steps learn more per epoch (batch 32 > 64 > 128 at 12 epochs).
     "demo": {
         "model.arch": "vit_demo",
         "model.patch_size": 4,
