@@ -6,12 +6,26 @@ import time
 from pathlib import Path
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a record is emitted, not to the stream that
+    was current at set-up (pytest's capsys, notebooks and redirections swap it, and the
+    old one may be closed by then)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(is_main: bool, level=logging.INFO):
     """Plain `time level message` lines on stdout from the main process only."""
     root = logging.getLogger()
     if getattr(root, "_ibot_fast", False):
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level if is_main else logging.ERROR)

@@ -1,6 +1,7 @@
 """The training loop: EMA, frozen last layer, resume, non-finite steps, pre-emption."""
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -172,6 +173,23 @@ def test_main_prints_one_line_errors(tmp_path, capsys):
                  f"train.output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_log_lines_follow_the_current_stdout(monkeypatch, capsys):
+    """A run's log handler outlives the stdout it was set up under (a test's capsys, a
+    notebook cell): records go to the stdout of the moment, not to a closed stream."""
+    import io
+    import logging
+
+    from ibot_fast.logger import _StdoutHandler
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", first)
+    handler = _StdoutHandler()
+    first.close()
+    monkeypatch.setattr(sys, "stdout", second)
+    handler.emit(logging.LogRecord("ibot_fast", logging.INFO, __file__, 1, "hello", None, None))
+    assert second.getvalue() == "hello\n"
+    assert "Logging error" not in capsys.readouterr().err
 
 
 def test_sigusr1_saves_and_goes_on(tmp_path):
