@@ -29,34 +29,17 @@ def cmd_train(argv):
 def cmd_knn(argv):
     p = argparse.ArgumentParser("ibot-fast knn", description="weighted k-NN on frozen "
                                 "backbone features (teacher CLS, T=0.07)")
-    p.add_argument("--checkpoint", help="ibot_fast checkpoint (omit with --random-init)")
-    p.add_argument("--which", default="teacher", choices=("teacher", "student"))
-    p.add_argument("--random-init", action="store_true",
-                   help="evaluate a randomly initialised network of the same architecture")
-    p.add_argument("--preset", default=None, help="with --random-init and no checkpoint")
-    p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
     import torch
 
-    from .config import apply_overrides, build_config
-    from .eval.knn import format_results, knn_eval_backbone, load_backbone, random_init_backbone
+    from .eval.knn import add_backbone_args, backbone_from_args, format_results, \
+        knn_eval_backbone
 
-    if args.checkpoint:
-        cfg, backbone = load_backbone(args.checkpoint, args.which)
-    elif args.random_init:
-        cfg, backbone = build_config(args.preset or "demo"), None
-    else:
-        raise UserError("knn needs --checkpoint PATH (or --random-init)")
-    overrides = list(args.overrides)
-    if args.data:
-        overrides += ["data.source=folder", f"data.path={args.data}"]
-    apply_overrides(cfg, overrides)
-    if args.random_init:
-        backbone = random_init_backbone(cfg)
+    add_backbone_args(p, "evaluate")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    cfg, backbone, what = backbone_from_args(args, "knn")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = knn_eval_backbone(cfg, backbone.to(device), device)
-    what = "random init" if args.random_init else f"{args.which} of {args.checkpoint}"
     print(f"k-NN top-1 ({what}): {format_results(results)}")
     return 0
 

@@ -38,10 +38,9 @@ def check_interpreter() -> None:
     converted to Python scalars"); later Triton releases squeeze the array first.
     """
     import triton.runtime.interpreter as interp
-    numpy_version = tuple(int(p) for p in np.__version__.split(".")[:2])
     with open(interp.__file__) as f:
         unsqueezed = "int(self.handle.data))" in f.read()
-    if unsqueezed and numpy_version >= (2, 4):
+    if unsqueezed and np.lib.NumpyVersion(np.__version__) >= "2.4.0":
         import triton
         raise RuntimeError(
             f"the Triton {triton.__version__} interpreter cannot run with numpy "

@@ -2,9 +2,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from threadpoolctl import threadpool_limits
 
+from ibot_fast.cli import demo_pictures
 from ibot_fast.config import build_config
 from ibot_fast.eval.knn import knn_classify, knn_eval_backbone, random_init_backbone
+from ibot_fast.models.vit import ARCHS
+from ibot_fast.show import attention_figure_size
 from ibot_fast.train import Trainer
 
 
@@ -42,7 +47,6 @@ def test_demo_beats_random_init(tmp_path, capsys, twins):
     """The demo preset, whole (12 epochs, ~4 min): the teacher's k-NN on the 360 held-out
     digits is clearly above that of a random network of the same architecture. Run as
     `make demo` runs it on a CPU: the kernels' torch twins, both cores."""
-    from threadpoolctl import threadpool_limits
     cfg = build_config("demo", [f"train.output_dir={tmp_path}", "train.log_every=1000"])
     device = torch.device("cpu")
     random_acc = knn_eval_backbone(cfg, random_init_backbone(cfg), device)
@@ -58,17 +62,8 @@ def test_demo_beats_random_init(tmp_path, capsys, twins):
     for k in (20, 100):
         assert acc[k] >= random_acc[k] + 5, (k, random_acc, acc)
     # the pictures `make demo` writes beside the run
-    from PIL import Image
-
-    from ibot_fast.cli import demo_pictures
-    from ibot_fast.show import attention_figure_size
     curves, attention, digit = demo_pictures(cfg, tmp_path)
     assert Image.open(curves).format == "PNG"
     with Image.open(attention) as img:
-        assert img.size == attention_figure_size(cfg_heads(cfg))
+        assert img.size == attention_figure_size(ARCHS[cfg.model.arch]["heads"])
     assert Image.open(digit).size == (32, 32)
-
-
-def cfg_heads(cfg):
-    from ibot_fast.models.vit import ARCHS
-    return ARCHS[cfg.model.arch]["heads"]

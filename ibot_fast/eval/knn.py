@@ -117,6 +117,37 @@ def random_init_backbone(cfg, seed: int = None):
     return build_backbone(cfg)
 
 
+def add_backbone_args(p, verb: str) -> None:
+    """The arguments that choose the backbone an evaluation command runs on."""
+    p.add_argument("--checkpoint", help="ibot_fast checkpoint (omit with --random-init)")
+    p.add_argument("--which", default="teacher", choices=("teacher", "student"))
+    p.add_argument("--random-init", action="store_true",
+                   help=f"{verb} a randomly initialised network of the same architecture")
+    p.add_argument("--preset", default=None, help="with --random-init and no checkpoint")
+    p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/")
+
+
+def backbone_from_args(args, command: str):
+    """(config, backbone, description) from `add_backbone_args`' arguments and the
+    key=value overrides in `args.overrides`."""
+    from ..config import apply_overrides, build_config
+
+    if args.checkpoint:
+        cfg, backbone = load_backbone(args.checkpoint, args.which)
+    elif args.random_init:
+        cfg, backbone = build_config(args.preset or "demo"), None
+    else:
+        raise UserError(f"{command} needs --checkpoint PATH (or --random-init)")
+    overrides = list(args.overrides)
+    if args.data:
+        overrides += ["data.source=folder", f"data.path={args.data}"]
+    apply_overrides(cfg, overrides)
+    if args.random_init:
+        backbone = random_init_backbone(cfg)
+    what = "random init" if args.random_init else f"{args.which} of {args.checkpoint}"
+    return cfg, backbone, what
+
+
 def load_backbone(path, which: str = "teacher"):
     """(config, backbone) from an ibot_fast checkpoint; which = teacher | student."""
     from .. import checkpoint

@@ -41,7 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import UserError, dist
-from .knn import EvalImages, format_results, knn_classify
+from .knn import (EvalImages, add_backbone_args, backbone_from_args, format_results,
+                  knn_classify)
 
 # DINOv2's linear-evaluation grid.
 DEFAULT_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
@@ -291,12 +292,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(
         "ibot-fast linear", description="linear probe on frozen backbone features: one "
         "classifier per lr, trained in one pass over features extracted once")
-    p.add_argument("--checkpoint", help="ibot_fast checkpoint (omit with --random-init)")
-    p.add_argument("--which", default="teacher", choices=("teacher", "student"))
-    p.add_argument("--random-init", action="store_true",
-                   help="probe a randomly initialised network of the same architecture")
-    p.add_argument("--preset", default=None, help="with --random-init and no checkpoint")
-    p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/")
+    add_backbone_args(p, "probe")
     p.add_argument("--epochs", type=int, default=100, help="passes over the features")
     p.add_argument("--batch-size", type=int, default=256, help="classifier mini-batch")
     p.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS),
@@ -319,23 +315,9 @@ def get_args_parser():
 
 def cmd_linear(argv) -> int:
     args = get_args_parser().parse_args(argv)
-    from ..config import apply_overrides, build_config
-    from .knn import load_backbone, random_init_backbone
-
-    if args.checkpoint:
-        cfg, backbone = load_backbone(args.checkpoint, args.which)
-    elif args.random_init:
-        cfg, backbone = build_config(args.preset or "demo"), None
-    else:
-        raise UserError("linear needs --checkpoint PATH (or --random-init)")
     if args.epochs < 1 or args.batch_size < 1 or not args.lrs or min(args.lrs) <= 0:
         raise UserError("--epochs and --batch-size must be >= 1 and every --lrs value > 0")
-    overrides = list(args.overrides)
-    if args.data:
-        overrides += ["data.source=folder", f"data.path={args.data}"]
-    apply_overrides(cfg, overrides)
-    if args.random_init:
-        backbone = random_init_backbone(cfg)
+    cfg, backbone, what = backbone_from_args(args, "linear")
     _, _, device = dist.init("auto")
     if device.type == "cuda":
         backbone.set_attention_backend("sdpa")
@@ -345,7 +327,6 @@ def cmd_linear(argv) -> int:
                                    weight_decay=args.wd, seed=args.seed,
                                    standardize_features=args.standardize)
     if dist.is_main():
-        what = "random init" if args.random_init else f"{args.which} of {args.checkpoint}"
         print(f"linear probe ({what}; {results['features']}, dim {results['dim']}; "
               f"{results['n_train']} train / {results['n_test']} held-out images; "
               f"{args.epochs} epochs, {device}):")
