@@ -37,6 +37,7 @@ import importlib
 import math
 import os
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +167,9 @@ def bench_shape(rows, K, dim, dtype, methods, fns, device, copy_gbps, warmup, re
                                 reps, copy_gbps, base)
         except torch.cuda.OutOfMemoryError:
             out += [dict(base, phase="fwd+bwd", status="oom")]
+        except Exception as e:  # noqa: BLE001 - a failed row is recorded, the sweep goes on
+            traceback.print_exc()
+            out += [dict(base, phase="fwd+bwd", status=f"error: {type(e).__name__}: {e}"[:300])]
         finally:
             copy = copies = None
             if device.type == "cuda":

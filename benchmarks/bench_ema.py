@@ -30,6 +30,7 @@ so its times say nothing about speed; it checks that the benchmark runs.
 """
 import argparse
 import os
+import traceback
 
 import torch
 from torch import nn
@@ -195,7 +196,12 @@ def main(argv=None):
     ceilings = common.measure_ceilings(device)
     rows = []
     for name, dim, depth in configs:
-        rows += bench_model(name, dim, depth, head, device, ceilings["copy_gbps"], warmup, reps)
+        try:
+            rows += bench_model(name, dim, depth, head, device, ceilings["copy_gbps"], warmup,
+                                reps)
+        except Exception as e:  # noqa: BLE001 - a failed model is recorded, the sweep goes on
+            traceback.print_exc()
+            rows.append({"bench": "ema", "model": name, "error": f"{type(e).__name__}: {e}"[:300]})
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for row in rows:

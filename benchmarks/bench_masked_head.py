@@ -16,6 +16,7 @@ benchmarks/results/masked_head.jsonl with the device name.
 """
 import argparse
 import sys
+import traceback
 
 import torch
 
@@ -141,6 +142,9 @@ def main(argv=None):
             except torch.cuda.OutOfMemoryError:
                 row["oom"] = True
                 torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001 - a failed row is recorded, the sweep goes on
+                traceback.print_exc()
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
             s_head.zero_grad(set_to_none=True)
             rows.append(row)
         full = next(r for r in rows if r["model"] == model and r["variant"] == "full")

@@ -26,6 +26,7 @@ reference: compare images/sec for speed, MFU for how well each uses the device.
 import argparse
 import gc
 import sys
+import traceback
 
 import torch
 
@@ -252,6 +253,12 @@ def main(argv=None):
             print(f"   out of memory at batch {cfg.train.batch_size}")
             res = {"oom": True}
             torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - a failed row is recorded, the sweep goes on
+            traceback.print_exc()
+            res = {"error": f"{type(e).__name__}: {e}"[:500]}
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         row = {"bench": "train", "model": model, "impl": impl, "compile": compiled,
                "batch": cfg.train.batch_size, "n_local": cfg.data.n_local,
                "precision": cfg.train.precision, "with_data": args.with_data,

@@ -51,6 +51,10 @@ def _version(module_name: str):
 
 
 def git_sha() -> str:
+    """The checkout's short SHA (+ "-dirty"); IBOT_FAST_GIT overrides it where the copy
+    being run has no .git (a working tree sent to a GPU machine)."""
+    if os.environ.get("IBOT_FAST_GIT"):
+        return os.environ["IBOT_FAST_GIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=Path(__file__).resolve().parent, timeout=10)

@@ -1,68 +1,116 @@
 #!/usr/bin/env bash
 # Check and time everything on a GPU machine in one go (target: under 10 minutes).
 #
-#   bash benchmarks/run_gpu.sh            # on the GPU machine, from the repository root
-#   SMOKE=1 bash benchmarks/run_gpu.sh    # the same steps in smoke mode (CPU, seconds)
+#   bash benchmarks/run_gpu.sh                    # on the GPU machine, from the repository root
+#   STAGES="tests train" bash benchmarks/run_gpu.sh   # a subset of the stages, in that order
+#   SMOKE=1 bash benchmarks/run_gpu.sh            # the same steps in smoke mode (CPU, seconds)
 #
-# 1. packages: wheels found in ./wheels (xformers, DALI parts `*.whl.part-*`) are installed
-#    with --no-index --no-deps into /tmp/site (see ../shared/GPU.md: no registry there);
-# 2. correctness first: every kernel test and the gpu-marked tests, on the GPU;
-# 3. timings: kernels (centered CE, gather/EMA/AdamW+EMA), masked head, attention, the
-#    full step (reference vs fast, ViT-S/16 and ViT-B/16), the data pipeline;
-# 4. a short table last. Rows land in $RESULTS (default $OUT/results when the device tool
-#    sets OUT, else benchmarks/results) with the device name; commit them.
+# Stages (default: all, in this order):
+#   packages  install what lies under ./wheels into /tmp/site (no registry on the GPU
+#             machines, ../shared/GPU.md): every *.whl below it, wheels split into
+#             `NAME.whl.part-*` (parts may lie in different sub-folders) and unpacked-site
+#             archives `*.tar.xz` (split the same way) are reassembled first;
+#   gputests  the kernel tests and every gpu-marked test, on the GPU (correctness first);
+#   train     the full step, reference vs fast, ViT-S/16 and ViT-B/16;
+#   ce        centered CE kernels; ema  EMA / AdamW+EMA; head  masked head;
+#   attn      attention backends, packed vs two-pass;
+#   data      the data pipeline (DALI on the GPU vs the CPU pipeline);
+#   tests     the whole test suite on this machine (the demo test excluded: see `demo`);
+#   demo      the demo k-NN test;
+#   summary   a short table of every result row.
+# Rows land in $RESULTS (default /tmp/ibot_fast_results when the device tool sets OUT, else
+# benchmarks/results) with the device name; with OUT set, everything is also packed into
+# $OUT/results.tgz after every stage, so an interrupted run still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RESULTS=${RESULTS:-${OUT:+$OUT/results}}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+RESULTS=${RESULTS:-${OUT:+/tmp/ibot_fast_results}}
 RESULTS=${RESULTS:-benchmarks/results}
-export IBOT_FAST_RESULTS=$RESULTS
+export IBOT_FAST_RESULTS=$RESULTS PYTHONUNBUFFERED=1
 mkdir -p "$RESULTS"
 LOG="$RESULTS/run_gpu.log"
 SMOKE_FLAG=""
 [ "${SMOKE:-0}" = "1" ] && SMOKE_FLAG="--smoke"
+STAGES=${STAGES:-packages gputests train ce ema head attn data tests demo summary}
 step() { echo; echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
-
-step "packages"
-if [ -d wheels ]; then
-  for first in wheels/*.whl.part-aa; do
-    [ -e "$first" ] || continue
-    whl="${first%.part-aa}"; cat "$whl".part-* > "$whl" && echo "reassembled $whl"
-  done
-  ls wheels/*.whl >/dev/null 2>&1 && \
-    python -m pip install -q --no-index --no-deps --target /tmp/site wheels/*.whl 2>&1 | tail -2
-fi
+pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" -C "$(dirname "$RESULTS")" \
+  "$(basename "$RESULTS")" 2>/dev/null; return 0; }
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # a source checkout that is not pip-installed: make kernels/ importable as ibot_fast.kernels
-python -c "import ibot_fast.kernels" 2>/dev/null || ln -sfn ../kernels ibot_fast/kernels
-python - <<'PY' 2>&1 | tee -a "$LOG"
-import torch, triton
+$PY -c "import ibot_fast.kernels" 2>/dev/null || ln -sfn ../kernels ibot_fast/kernels
+
+reassemble() {  # every NAME.part-aa below wheels/ -> NAME, from its parts in any sub-folder
+  local first name
+  for first in $(find wheels -name '*.part-aa' 2>/dev/null); do
+    name=$(basename "${first%.part-aa}")
+    find wheels -name "$name.part-*" -printf '%f %p\n' | sort | cut -d' ' -f2- \
+      | xargs cat > "/tmp/$name" && echo "reassembled /tmp/$name ($(du -h "/tmp/$name" | cut -f1))"
+  done
+}
+
+pytest_run() {  # name, pytest args...: full log under $RESULTS, the tail here
+  local name=$1; shift
+  $PY -m pytest -q -p no:cacheprovider -rfE "$@" > "$RESULTS/pytest_$name.log" 2>&1
+  local rc=$?
+  tail -25 "$RESULTS/pytest_$name.log" | tee -a "$LOG"
+  echo "pytest $name exit code $rc" | tee -a "$LOG"
+}
+
+bench() {  # seconds, module, args...
+  local limit=$1 module=$2; shift 2
+  timeout "$limit" $PY -m "benchmarks.$module" $SMOKE_FLAG "$@" > "$RESULTS/$module.log" 2>&1
+  local rc=$?
+  tail -30 "$RESULTS/$module.log" | tee -a "$LOG"
+  [ $rc -ne 0 ] && echo "$module exit code $rc (124: stopped at its ${limit}s limit)" | tee -a "$LOG"
+  return 0
+}
+
+for stage in $STAGES; do
+  case $stage in
+  packages)
+    step "packages"
+    if [ -d wheels ]; then
+      reassemble | tee -a "$LOG"
+      for archive in /tmp/*.tar.xz $(find wheels -name '*.tar.xz'); do
+        [ -e "$archive" ] || continue
+        mkdir -p /tmp/site && tar xJf "$archive" -C /tmp/site && echo "unpacked $archive"
+      done
+      whls=$( (find wheels -name '*.whl'; ls /tmp/*.whl 2>/dev/null) | sort -u)
+      [ -n "$whls" ] && $PY -m pip install -q --no-index --no-deps --no-compile \
+        --upgrade --target /tmp/site $whls 2>&1 | tail -2
+    fi
+    $PY - <<'PY' 2>&1 | tee -a "$LOG"
+import os, torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
-print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
-for name in ("xformers", "nvidia.dali", "apex"):
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+      "cores", os.cpu_count())
+for name in ("xformers", "xformers.ops", "nvidia.dali", "nvidia.dali.plugin.pytorch", "apex"):
     try:
-        m = __import__(name, fromlist=["_"]); print(name, getattr(m, "__version__", "?"))
+        m = __import__(name, fromlist=["_"]); print(name, getattr(m, "__version__", "ok"))
     except Exception as e:
-        print(name, "unavailable:", type(e).__name__)
+        print(name, "unavailable:", type(e).__name__, str(e)[:200])
 PY
-
-step "correctness: kernel tests and gpu-marked tests"
-python -m pytest -q -p no:cacheprovider tests/test_kernel_centered_ce.py \
-  tests/test_kernel_masked_gather.py tests/test_kernel_ema.py tests/test_kernel_adamw_ema.py \
-  2>&1 | tail -5 | tee -a "$LOG"
-python -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -5 | tee -a "$LOG"
-
-step "centered CE kernels"
-timeout 150 python -m benchmarks.bench_centered_ce $SMOKE_FLAG 2>&1 | tail -25 | tee -a "$LOG"
-step "EMA / AdamW+EMA"
-timeout 60 python -m benchmarks.bench_ema $SMOKE_FLAG 2>&1 | tail -20 | tee -a "$LOG"
-step "masked head"
-timeout 60 python -m benchmarks.bench_masked_head $SMOKE_FLAG 2>&1 | tail -14 | tee -a "$LOG"
-step "attention"
-timeout 90 python -m benchmarks.bench_attention $SMOKE_FLAG 2>&1 | tail -24 | tee -a "$LOG"
-step "full training step"
-timeout 200 python -m benchmarks.bench_train $SMOKE_FLAG 2>&1 | tail -12 | tee -a "$LOG"
-step "data pipeline"
-timeout 180 python -m benchmarks.bench_data $SMOKE_FLAG 2>&1 | tail -12 | tee -a "$LOG"
-
-step "summary"
-python -m benchmarks.summary --results "$RESULTS" 2>&1 | tee -a "$LOG"
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit \
+      --format=csv 2>&1 | tee -a "$LOG" ;;
+  gputests)
+    step "correctness: kernel tests and gpu-marked tests"
+    pytest_run kernels --timeout=300 tests/test_kernel_centered_ce.py \
+      tests/test_kernel_masked_gather.py tests/test_kernel_ema.py tests/test_kernel_adamw_ema.py
+    pytest_run gpu --timeout=300 -m gpu tests ;;
+  train) step "full training step"; bench "${TRAIN_LIMIT:-300}" bench_train ${TRAIN_ARGS:-} ;;
+  ce) step "centered CE kernels"; bench "${CE_LIMIT:-150}" bench_centered_ce --max-minutes 2 ;;
+  ema) step "EMA / AdamW+EMA"; bench 90 bench_ema ;;
+  head) step "masked head"; bench 90 bench_masked_head ;;
+  attn) step "attention"; bench 120 bench_attention ;;
+  data) step "data pipeline"; bench "${DATA_LIMIT:-180}" bench_data ${DATA_ARGS:-} ;;
+  tests)
+    step "the test suite"
+    pytest_run suite --timeout=300 --deselect tests/test_knn.py::test_demo_beats_random_init \
+      tests ;;
+  demo) step "demo k-NN test"; pytest_run demo --timeout=500 -s \
+      tests/test_knn.py::test_demo_beats_random_init ;;
+  summary) step "summary"; $PY -m benchmarks.summary --results "$RESULTS" 2>&1 | tee -a "$LOG" ;;
+  *) echo "unknown stage '$stage' (see the header of benchmarks/run_gpu.sh)"; exit 2 ;;
+  esac
+  pack
+done
