@@ -48,9 +48,9 @@ reassemble() {  # every NAME.part-aa below wheels/ -> NAME, from its parts in an
   done
 }
 
-pytest_run() {  # name, pytest args...: full log under $RESULTS, the tail here
-  local name=$1; shift
-  $PY -m pytest -q -p no:cacheprovider -rfE "$@" > "$RESULTS/pytest_$name.log" 2>&1
+pytest_run() {  # name, seconds, pytest args...: full log under $RESULTS, the tail here
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" $PY -m pytest -q -p no:cacheprovider -rfE "$@" > "$RESULTS/pytest_$name.log" 2>&1
   local rc=$?
   tail -25 "$RESULTS/pytest_$name.log" | tee -a "$LOG"
   echo "pytest $name exit code $rc" | tee -a "$LOG"
@@ -94,9 +94,9 @@ PY
       --format=csv 2>&1 | tee -a "$LOG" ;;
   gputests)
     step "correctness: kernel tests and gpu-marked tests"
-    pytest_run kernels --timeout=300 tests/test_kernel_centered_ce.py \
+    pytest_run kernels "${KTESTS_LIMIT:-300}" --timeout=300 tests/test_kernel_centered_ce.py \
       tests/test_kernel_masked_gather.py tests/test_kernel_ema.py tests/test_kernel_adamw_ema.py
-    pytest_run gpu --timeout=300 -m gpu tests ;;
+    pytest_run gpu "${GTESTS_LIMIT:-300}" --timeout=300 -m gpu tests ;;
   train) step "full training step"; bench "${TRAIN_LIMIT:-300}" bench_train ${TRAIN_ARGS:-} ;;
   ce) step "centered CE kernels"; bench "${CE_LIMIT:-150}" bench_centered_ce --max-minutes 2 ;;
   ema) step "EMA / AdamW+EMA"; bench 90 bench_ema ;;
@@ -105,9 +105,9 @@ PY
   data) step "data pipeline"; bench "${DATA_LIMIT:-180}" bench_data ${DATA_ARGS:-} ;;
   tests)
     step "the test suite"
-    pytest_run suite --timeout=300 --deselect tests/test_knn.py::test_demo_beats_random_init \
+    pytest_run suite "${SUITE_LIMIT:-900}" --timeout=300 --deselect tests/test_knn.py::test_demo_beats_random_init \
       tests ;;
-  demo) step "demo k-NN test"; pytest_run demo --timeout=500 -s \
+  demo) step "demo k-NN test"; pytest_run demo 600 --timeout=500 -s \
       tests/test_knn.py::test_demo_beats_random_init ;;
   summary) step "summary"; $PY -m benchmarks.summary --results "$RESULTS" 2>&1 | tee -a "$LOG" ;;
   *) echo "unknown stage '$stage' (see the header of benchmarks/run_gpu.sh)"; exit 2 ;;
