@@ -14,6 +14,9 @@
 #   train     the full step, reference vs fast, ViT-S/16 and ViT-B/16;
 #   ce        centered CE kernels; ema  EMA / AdamW+EMA; head  masked head;
 #   attn      attention backends, packed vs two-pass;
+#   train_compile, train_official, train_variants   the full step: torch.compile of the
+#             fast path; the reference with the math attention; fast-path options one by one;
+#   dalitests the DALI tests (CPU and GPU);
 #   data      the data pipeline (DALI on the GPU vs the CPU pipeline);
 #   tests     the whole test suite on this machine (the demo test excluded: see `demo`);
 #   demo      the demo k-NN test;
@@ -75,6 +78,7 @@ for stage in $STAGES; do
         [ -e "$archive" ] || continue
         mkdir -p /tmp/site && tar xJf "$archive" -C /tmp/site && echo "unpacked $archive"
       done
+      rm -f /tmp/site/nvidia/__init__.py  # keep `nvidia` a namespace shared with torch's libs
       whls=$( (find wheels -name '*.whl'; ls /tmp/*.whl 2>/dev/null) | sort -u)
       [ -n "$whls" ] && $PY -m pip install -q --no-index --no-deps --no-compile \
         --upgrade --target /tmp/site $whls 2>&1 | tail -2
@@ -98,6 +102,19 @@ PY
       tests/test_kernel_masked_gather.py tests/test_kernel_ema.py tests/test_kernel_adamw_ema.py
     pytest_run gpu "${GTESTS_LIMIT:-300}" --timeout=300 -m gpu tests ;;
   train) step "full training step"; bench "${TRAIN_LIMIT:-300}" bench_train ${TRAIN_ARGS:-} ;;
+  train_compile) step "full step: torch.compile of the fast path"
+    bench "${COMPILE_LIMIT:-240}" bench_train --impls fast --compile --results-name train ;;
+  train_official) step "full step: reference path with the math attention (official code's)"
+    bench 90 bench_train --impls reference --reference-math --results-name train ;;
+  train_variants) step "full step: fast-path options one at a time (ViT-B/16)"
+    for opt in "--efficient-drop-path false" "--pack false" "--fused-last-layer true" \
+               "--fuse-ema true" "--center2 all"; do
+      echo "-- $opt" | tee -a "$LOG"
+      bench 60 bench_train --models vit_base --impls fast --steps 10 --no-phases $opt \
+        --results-name train_variants
+    done ;;
+  dalitests) step "DALI tests (CPU and GPU)"
+    pytest_run dali "${DALI_TESTS_LIMIT:-300}" --timeout=200 tests/test_dali.py ;;
   ce) step "centered CE kernels"; bench "${CE_LIMIT:-150}" bench_centered_ce --max-minutes 2 ;;
   ema) step "EMA / AdamW+EMA"; bench 90 bench_ema ;;
   head) step "masked head"; bench 90 bench_masked_head ;;

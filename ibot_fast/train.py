@@ -40,13 +40,11 @@ from .models.attention import resolve_backend
 from .optim import (AdamWEMA, build_optimizer, cancel_last_layer_grads, clip_gradients,
                     ema_loop_, flat_group, last_layer_params, param_groups,
                     set_hyperparameters)
+from .phases import phase
 from .schedules import build_schedules
 
 log = logging.getLogger("ibot_fast")
 
-# Named ranges for the profiler (benchmarks/bench_train.py reads the per-phase times);
-# a few microseconds per step when no profiler is running.
-phase = torch.profiler.record_function
 
 
 class TrainingDiverged(UserError):

@@ -168,7 +168,18 @@ def test_logits_of_1e4_stay_finite(dtype, device):
     assert loss_k.abs().max() > 1e4  # the test is about large values
     torch.testing.assert_close(loss_k, loss_r, atol=0.05, rtol=1e-6)  # ulp(2e5) = 0.016
     torch.testing.assert_close(colsum_k, colsum_r, atol=0.05, rtol=1e-6)
-    _close(grad_k, grad_r, GRAD_TOL[dtype], "d loss / d student")
+    # The gradient's non-zero entries are the one-hot softmax entries, +-dloss/ts. The twin
+    # rounds s/ts ~ 1e5 to its ulp (0.0078) before exponentiating, so its own p is off by up
+    # to e^0.0078 - 1 = 0.8% (teacher, 2.5e5: 1.6%); on a GPU the kernel's FMA-contracted
+    # x * c - m rounds differently from the twin (seen on an H100: 0.7% on 8 of 9009
+    # entries). Against the twin, then: 3% of the largest entry; a wrong or missing entry
+    # is off by 100%.
+    scale = grad_r.abs().max().item()
+    assert scale > 1  # the entries are there
+    _close(grad_k, grad_r, (0.03 * scale, 0.0), "d loss / d student")
+    # and everywhere the softmaxes are exactly 0 the kernel writes exactly 0
+    assert torch.equal(grad_k[grad_r == 0], grad_r[grad_r == 0]) or \
+        (grad_k[grad_r == 0].abs().max() < 1e-6 * scale)
 
 
 def test_padding_rows_are_never_read(device):

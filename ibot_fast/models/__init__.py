@@ -11,6 +11,7 @@ Two head paths:
   on the CLS tokens and on the masked patch tokens only, gathered into a fixed-size row
   buffer by `ibot_fast.kernels.gather_masked`; local crops never see the patch head.
 """
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -135,8 +136,13 @@ def gather_masked(tokens, index, out_rows):
 
 
 def head_phase():
-    """Profiler range around the head (benchmarks report its share of the step)."""
-    return torch.profiler.record_function("head")
+    """Named phase around the head (benchmarks report its share of the step); nothing
+    inside torch.compile, which would otherwise break the graph there."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    from ibot_fast.phases import phase
+
+    return phase("head")
 
 
 def build_backbone(cfg, drop_path_rate: float = 0.0, attention_backend: str = "math"):

@@ -15,6 +15,7 @@ linear layers and MLPs, and attention is restricted to each image's own tokens:
 - sdpa / math: one dense call per group of equal-length sequences (a view of the packed
   tensor, no mask, no padding): block-diagonal by construction.
 """
+import functools
 import logging
 import math
 import time
@@ -119,14 +120,36 @@ def packed_attention(qkv: torch.Tensor, seqs: Seqs, heads: int, backend: str) ->
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def xformers_available() -> bool:
+@functools.lru_cache(maxsize=None)
+def xformers_status() -> tuple:
+    """(usable, why not): xformers importable *and* able to run on this CUDA device.
+
+    A wheel built for another torch/CUDA imports fine but has no CUDA kernels (seen on an
+    H100 with torch 2.11+cu130 and the registry's xformers 0.0.35: "No operator found for
+    memory_efficient_attention_forward"), so one tiny call decides."""
     if not torch.cuda.is_available():
-        return False
+        return False, "no CUDA GPU"
     try:
-        import xformers.ops  # noqa: F401
-        return True
-    except Exception:
-        return False
+        import xformers.ops as xops
+    except Exception as e:
+        return False, f"xformers not importable ({type(e).__name__})"
+    try:
+        q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+        xops.memory_efficient_attention(q, q, q)
+        return True, ""
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return False, f"xformers {getattr(xformers_module(), '__version__', '?')} cannot run " \
+                      f"on this GPU/torch ({first})"
+
+
+def xformers_module():
+    import xformers
+    return xformers
+
+
+def xformers_available() -> bool:
+    return xformers_status()[0]
 
 
 def measure_backends(device: torch.device, heads: int, head_dim: int, candidates,
@@ -157,7 +180,8 @@ def resolve_backend(name: str, device: torch.device, heads: int = 6,
     if name not in ("auto",) + BACKENDS:
         raise ValueError(f"unknown attention backend '{name}'")
     if name == "xformers" and not (device.type == "cuda" and xformers_available()):
-        raise RuntimeError("attention=xformers needs a CUDA GPU and an importable xformers")
+        raise RuntimeError(f"attention=xformers needs a CUDA GPU and a working xformers: "
+                           f"{xformers_status()[1]}")
     if name != "auto":
         log.info("attention backend: %s (configured)", name)
         return name
@@ -165,6 +189,8 @@ def resolve_backend(name: str, device: torch.device, heads: int = 6,
         log.info("attention backend: sdpa (CPU: no xformers kernels; SDPA's math kernel)")
         return "sdpa"
     candidates = ["sdpa"] + (["xformers"] if xformers_available() else [])
+    if not xformers_available():
+        log.info("attention backend xformers not measured: %s", xformers_status()[1])
     times = measure_backends(device, heads, head_dim, candidates)
     choice = min(times, key=times.get) if times else "math"
     log.info("attention backend: %s (measured fwd+bwd, ms: %s)", choice,
