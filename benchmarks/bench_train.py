@@ -226,7 +226,9 @@ def get_args_parser():
                    help="reference path with the math attention (the official code's)")
     p.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
     p.add_argument("--with-data", action="store_true", help="feed batches from the data path")
-    p.add_argument("--no-phases", action="store_true", help="skip the profiler breakdown")
+    p.add_argument("--no-phases", action="store_true", help="skip the per-phase breakdown")
+    p.add_argument("--trace", type=int, default=0, metavar="N",
+                   help="also print the N kernels with the most device time per config")
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 steps, CPU")
     p.add_argument("--results-name", default="train")
     return p
@@ -275,8 +277,10 @@ def main(argv=None):
             if ceilings["matmul_tflops"]:
                 row["mfu_vs_measured"] = res["tflops"] / ceilings["matmul_tflops"]
         rows.append(row)
-    add_ratios(rows)
-    path = record(args.results_name, rows, device)
+        add_ratios(rows)  # against the reference row of this model, measured just before
+        path = record(args.results_name, [row], device)  # now: a later timeout keeps it
+        if args.trace and "error" not in res and "oom" not in res:
+            print_top_kernels(cfg, device, args.trace)
     print(f"\nrows appended to {path}")
     print_table(rows, ["model", "impl", "compile", "batch", "img_per_s", "step_ms",
                        "peak_alloc_mib", "gflop_per_img", "tflops", "mfu", "speedup",
@@ -288,6 +292,32 @@ def main(argv=None):
             print(f"phases (ms/step; head is inside teacher/student) {r['model']} "
                   f"{r['impl']}{' +compile' if r.get('compile') else ''}: {parts}")
     return 0
+
+
+def print_top_kernels(cfg, device, n: int, steps: int = 3) -> None:
+    """The n kernels (or CPU ops) with the most self time over a few steps, from the
+    profiler: where the step's time goes, below the level of the named phases."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ibot_fast.train import Trainer
+
+    trainer = Trainer(cfg)
+    batch = synthetic_batch(trainer, cfg, device)
+    for i in range(2):
+        trainer.train_step(batch, 10 + i, 1)
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] +
+                 ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for i in range(steps):
+            trainer.train_step(batch, 20 + i, 1)
+        if cuda:
+            torch.cuda.synchronize(device)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=n, max_name_column_width=70))
+    del trainer, batch
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 def add_ratios(rows):

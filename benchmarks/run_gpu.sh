@@ -16,8 +16,10 @@
 #   attn      attention backends, packed vs two-pass;
 #   train_compile, train_official, train_variants   the full step: torch.compile of the
 #             fast path; the reference with the math attention; fast-path options one by one;
+#   train_large  ViT-L/16 at batch 64;  trace  the top kernels of each path (ViT-B/16);
 #   dalitests the DALI tests (CPU and GPU);
 #   data      the data pipeline (DALI on the GPU vs the CPU pipeline);
+#   pytest    the tests named in $PYTEST_ARGS;  gpumarked  the gpu-marked tests only;
 #   tests     the whole test suite on this machine (the demo test excluded: see `demo`);
 #   demo      the demo k-NN test;
 #   summary   a short table of every result row.
@@ -59,11 +61,11 @@ pytest_run() {  # name, seconds, pytest args...: full log under $RESULTS, the ta
   echo "pytest $name exit code $rc" | tee -a "$LOG"
 }
 
-bench() {  # seconds, module, args...
+bench() {  # seconds, module, args...: full log in $RESULTS/<stage>.log, the tail here
   local limit=$1 module=$2; shift 2
-  timeout "$limit" $PY -m "benchmarks.$module" $SMOKE_FLAG "$@" > "$RESULTS/$module.log" 2>&1
+  timeout "$limit" $PY -m "benchmarks.$module" $SMOKE_FLAG "$@" >> "$RESULTS/$stage.log" 2>&1
   local rc=$?
-  tail -30 "$RESULTS/$module.log" | tee -a "$LOG"
+  grep -v " INFO " "$RESULTS/$stage.log" | tail -30 | tee -a "$LOG"
   [ $rc -ne 0 ] && echo "$module exit code $rc (124: stopped at its ${limit}s limit)" | tee -a "$LOG"
   return 0
 }
@@ -113,6 +115,11 @@ PY
       bench 60 bench_train --models vit_base --impls fast --steps 10 --no-phases $opt \
         --results-name train_variants
     done ;;
+  train_large) step "full step: ViT-L/16, batch 64"
+    bench 150 bench_train --models vit_large --batch 64 --results-name train ;;
+  trace) step "full step: the kernels with the most device time (ViT-B/16)"
+    bench 120 bench_train --models vit_base --steps 5 --warmup 2 --no-phases --trace 25 \
+      --results-name train_trace ;;
   dalitests) step "DALI tests (CPU and GPU)"
     pytest_run dali "${DALI_TESTS_LIMIT:-300}" --timeout=200 tests/test_dali.py ;;
   ce) step "centered CE kernels"; bench "${CE_LIMIT:-150}" bench_centered_ce --max-minutes 2 ;;
@@ -120,6 +127,8 @@ PY
   head) step "masked head"; bench 90 bench_masked_head ;;
   attn) step "attention"; bench 120 bench_attention ;;
   data) step "data pipeline"; bench "${DATA_LIMIT:-180}" bench_data ${DATA_ARGS:-} ;;
+  pytest) step "pytest $PYTEST_ARGS"; pytest_run selected 300 --timeout=200 $PYTEST_ARGS ;;
+  gpumarked) step "gpu-marked tests"; pytest_run gpu 200 --timeout=200 -m gpu tests ;;
   tests)
     step "the test suite"
     pytest_run suite "${SUITE_LIMIT:-900}" --timeout=300 --deselect tests/test_knn.py::test_demo_beats_random_init \

@@ -17,6 +17,11 @@ def init(device_pref: str = "auto"):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        from . import UserError
+        raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA "
+                        f"device(s) visible: start at most that many processes per node "
+                        f"(or train.device=cpu)")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)

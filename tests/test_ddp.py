@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) against one process with the same global batch."""
+"""Two CPU processes (gloo) against one process with the same global batch (on the CPU
+also where a GPU is present: train.device=cpu)."""
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ COMMON = ["data.source=synthetic", "data.synthetic_size=32", "data.num_workers=0
           "data.n_local=2", "train.epochs=2", "train.stop_at_iter=3", "train.log_every=1",
           "model.drop_path_rate=0", "model.out_dim=128", "model.patch_out_dim=128",
           "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "optim.warmup_epochs=0",
-          "optim.freeze_last_layer=0", "optim.lr=0.05"]
+          "optim.freeze_last_layer=0", "optim.lr=0.05", "train.device=cpu"]
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
