@@ -175,6 +175,35 @@ def peak_memory_mib(device: torch.device):
             torch.cuda.max_memory_reserved(device) / 2**20)
 
 
+def train_label(row) -> str:
+    """A full-step row's path: "reference (math)" (the official code's attention),
+    "reference (sdpa)", "fast" or "fast +compile"."""
+    if row.get("impl") == "reference":
+        attention = next((o.split("=", 1)[1] for o in row.get("overrides", [])
+                          if o.startswith("model.attention=")), "sdpa")
+        return f"reference ({attention})"
+    return f"{row.get('impl')}{' +compile' if row.get('compile') else ''}"
+
+
+def latest_train_rows(rows, device: str = None):
+    """The last row per (device, model, path) of non-smoke full-step rows, each with
+    speed-up and memory ratio against both references of its device and model."""
+    last = {}
+    for r in rows:
+        if "img_per_s" in r and not r.get("smoke") and (device is None or device in r["device"]):
+            last[r["device"], r["model"], train_label(r)] = dict(r, path=train_label(r))
+    for (dev, model, _), r in last.items():
+        for attention in ("math", "sdpa"):
+            base = last.get((dev, model, f"reference ({attention})"))
+            if base:
+                r[f"x_vs_{attention}"] = r["img_per_s"] / base["img_per_s"]
+                r[f"mem_vs_{attention}"] = r["peak_alloc_mib"] / base["peak_alloc_mib"] \
+                    if r.get("peak_alloc_mib") and base.get("peak_alloc_mib") else None
+    order = {"reference (math)": 0, "reference (sdpa)": 1, "fast": 2, "fast +compile": 3}
+    return sorted(last.values(), key=lambda r: (r["device"], r["model"],
+                                                 order.get(r["path"], 9), r["path"]))
+
+
 def print_table(rows, columns):
     """A plain fixed-width table of the chosen columns."""
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]

@@ -3,8 +3,10 @@
     python -m benchmarks.plot                 # every device found in results/train.jsonl
     python -m benchmarks.plot --device H100   # rows whose device name contains "H100"
 
-train.png: images/sec and peak memory per model, reference vs fast path (latest row per
-(device, model, impl, compile)), with the speed-up and memory ratio written on the bars.
+train.png: images/sec and peak memory per model and path (latest row per device, model and
+path: reference with the official code's math attention, reference with SDPA, fast, fast
++compile), with the speed-up and memory ratio against the math-attention reference written
+on the bars.
 Nothing runs at import time.
 """
 import argparse
@@ -12,7 +14,10 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks.common import latest_train_rows
+
 RESULTS = Path(__file__).resolve().parent / "results"
+ARCH_ORDER = {"vit_demo": 0, "vit_small": 1, "vit_base": 2, "vit_large": 3}
 
 
 def load_rows(path: Path, device_filter: str = None):
@@ -28,54 +33,39 @@ def load_rows(path: Path, device_filter: str = None):
     return rows
 
 
-def latest(rows, keys):
-    """The last row (file order) for each combination of keys."""
-    out = {}
-    for r in rows:
-        out[tuple(r.get(k) for k in keys)] = r
-    return list(out.values())
-
-
 def plot_train(rows, out_path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in latest([r for r in rows if "img_per_s" in r and not r.get("smoke")],
-                              ["device", "model", "impl", "compile"])]
+    rows = latest_train_rows(rows)
     if not rows:
         raise SystemExit("no non-smoke rows with img_per_s in results/train.jsonl: run "
                          "benchmarks/bench_train.py on a GPU first")
     devices = sorted({r["device"] for r in rows})
-    fig, axes = plt.subplots(len(devices), 2, figsize=(11, 3.6 * len(devices)), squeeze=False)
+    fig, axes = plt.subplots(len(devices), 2, figsize=(12, 3.8 * len(devices)), squeeze=False)
     for ax_row, device in zip(axes, devices):
         dev_rows = [r for r in rows if r["device"] == device]
-        models = sorted({r["model"] for r in dev_rows})
-        labels = sorted({(r["impl"], r.get("compile", False)) for r in dev_rows})
-        width = 0.8 / max(len(labels), 1)
-        for j, (impl, comp) in enumerate(labels):
-            name = impl + (" +compile" if comp else "")
+        models = sorted({r["model"] for r in dev_rows}, key=lambda m: ARCH_ORDER.get(m, 9))
+        paths = list(dict.fromkeys(r["path"] for r in dev_rows))  # sorted by latest_train_rows
+        width = 0.8 / max(len(paths), 1)
+        for j, path in enumerate(paths):
             xs, speed, mem, notes = [], [], [], []
             for i, model in enumerate(models):
-                r = next((r for r in dev_rows if r["model"] == model and r["impl"] == impl
-                          and r.get("compile", False) == comp), None)
+                r = next((r for r in dev_rows if r["model"] == model and r["path"] == path), None)
                 if r is None:
                     continue
                 xs.append(i + j * width)
                 speed.append(r["img_per_s"])
                 mem.append((r.get("peak_alloc_mib") or 0) / 1024)
                 notes.append(r)
-            bars = ax_row[0].bar(xs, speed, width, label=name)
-            for b, r in zip(bars, notes):
-                if r.get("speedup"):
-                    ax_row[0].annotate(f"{r['speedup']:.2f}x", (b.get_x() + b.get_width() / 2,
-                                       b.get_height()), ha="center", va="bottom", fontsize=8)
-            bars = ax_row[1].bar(xs, mem, width, label=name)
-            for b, r in zip(bars, notes):
-                if r.get("mem_ratio"):
-                    ax_row[1].annotate(f"{r['mem_ratio']:.2f}x", (b.get_x() + b.get_width() / 2,
-                                       b.get_height()), ha="center", va="bottom", fontsize=8)
+            for ax, values, key in ((ax_row[0], speed, "x_vs_math"), (ax_row[1], mem, "mem_vs_math")):
+                bars = ax.bar(xs, values, width, label=path)
+                for b, r in zip(bars, notes):
+                    if r.get(key) and not path.startswith("reference (math"):
+                        ax.annotate(f"{r[key]:.2f}x", (b.get_x() + b.get_width() / 2,
+                                    b.get_height()), ha="center", va="bottom", fontsize=8)
         for ax, ylabel in zip(ax_row, ("images / s", "peak allocated (GiB)")):
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))])
             ax.set_xticklabels(models)

@@ -3,15 +3,16 @@
     python -m benchmarks.summary [--results DIR] [--device SUBSTRING]
 
 For each results file, the rows of the most recent run (same git SHA and device as the
-file's last row) are summarised in one line each: the full step (images/sec, speed-up,
-memory ratio, MFU), and the kernels' best achieved bandwidth.
+file's last row) are summarised in one line each, and for the full step the latest row per
+model and path (reference with math / sdpa attention, fast, fast +compile) with the speed-up
+and memory ratio against each reference, and the MFU.
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, print_table
+from benchmarks.common import RESULTS_DIR, latest_train_rows, print_table
 
 
 def latest_run(path: Path, device: str = None):
@@ -33,11 +34,17 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     results = Path(args.results)
-    train = latest_run(results / "train.jsonl", args.device)
+    path = results / "train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+        if path.exists() else []
+    rows = [r for r in rows if "img_per_s" in r and (not args.device or args.device in r["device"])]
+    train = latest_train_rows(rows, rows[-1]["device"]) if rows else []
     if train:
-        print(f"full step on {train[-1]['device']} (git {train[-1]['git']}):")
-        print_table(train, ["model", "impl", "compile", "batch", "img_per_s", "speedup",
-                            "peak_alloc_mib", "mem_ratio", "tflops", "mfu"])
+        print(f"full step on {train[-1]['device']} (latest row per model and path; x_vs_math "
+              f"and mem_vs_math: against the reference with the official code's attention):")
+        print_table(train, ["model", "path", "batch", "img_per_s", "peak_alloc_mib",
+                            "x_vs_math", "mem_vs_math", "x_vs_sdpa", "mem_vs_sdpa", "mfu",
+                            "git"])
     for name, columns in (
             ("centered_ce", ["method", "phase", "rows", "K", "dtype", "ms", "gbps", "of_copy",
                              "extra_mib"]),

@@ -64,3 +64,25 @@ def test_plot_and_summary(results):
     assert plot.main(["--results", str(results)]) == 0
     assert (results / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary.main(["--results", str(results)]) == 0
+
+
+def test_latest_train_rows_ratios_against_both_references():
+    from benchmarks.common import latest_train_rows, train_label
+
+    def row(impl, img_per_s, mem, attention=None, compile_=False, device="GPU X"):
+        overrides = [f"model.attention={attention}"] if attention else []
+        return dict(device=device, model="vit_small", impl=impl, compile=compile_,
+                    img_per_s=img_per_s, peak_alloc_mib=mem, overrides=overrides)
+
+    rows = [row("reference", 100.0, 400.0, "math"), row("reference", 150.0, 300.0, "sdpa"),
+            row("fast", 200.0, 200.0, "auto"), row("fast", 999.0, 1.0, device="GPU Y"),
+            row("fast", 300.0, 100.0, "auto", compile_=True),
+            row("fast", 250.0, 250.0, "auto")]  # a later fast row replaces the earlier one
+    assert [train_label(r) for r in rows[:3]] == ["reference (math)", "reference (sdpa)",
+                                                 "fast"]
+    latest = latest_train_rows(rows, device="GPU X")
+    assert [r["path"] for r in latest] == ["reference (math)", "reference (sdpa)", "fast",
+                                          "fast +compile"]
+    fast = latest[2]
+    assert fast["x_vs_math"] == 2.5 and fast["x_vs_sdpa"] == pytest.approx(250 / 150)
+    assert fast["mem_vs_math"] == 250 / 400 and latest[3]["x_vs_math"] == 3.0

@@ -38,13 +38,27 @@ def test_two_processes_match_one(tmp_path, impl):
     single = Trainer(build_config("demo", [f"train.output_dir={tmp_path / 'one'}",
                                            "train.batch_size=8", *overrides]))
     init = {k: v.clone() for k, v in single.student_module.state_dict().items()}
-    single.run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the same summation order where possible
+    try:
+        single.run()
+    finally:
+        torch.set_num_threads(threads)
     single.loss.finish_center_update()
-    for name in ("teacher", "student"):
-        ours = getattr(single, "teacher" if name == "teacher" else "student_module").state_dict()
-        for key, value in ours.items():
-            torch.testing.assert_close(ranks[0][name][key], value, rtol=1e-4, atol=1e-5,
-                                       msg=f"{name} {key}")
+    for key, value in single.teacher.state_dict().items():
+        torch.testing.assert_close(ranks[0]["teacher"][key], value, rtol=1e-4, atol=1e-5,
+                                   msg=f"teacher {key}")
+    # The student, element by element: AdamW's first steps move every weight by about
+    # +-lr whatever its gradient's size, so a gradient within rounding of zero can take
+    # either sign in the two runs (half-batch gradients all-reduced vs one batch: seen on
+    # a 16-core host, not on the 2-core CI machine). Such elements may differ by up to
+    # 2 lr per step; all others must agree to 1e-5, and they must be nearly all.
+    lr_bound = 2 * single.sched.lr.max() * single.iteration + 1e-5
+    for key, value in single.student_module.state_dict().items():
+        diff = (ranks[0]["student"][key] - value).abs()
+        assert diff.max() <= lr_bound, f"student {key}: {diff.max():.3g} > {lr_bound:.3g}"
+        off = (diff > 1e-5 + 1e-4 * value.abs()).float().mean().item()
+        assert off <= 1e-3, f"student {key}: {off:.2%} of the elements differ"
     torch.testing.assert_close(ranks[0]["center"], single.loss.center, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ranks[0]["center2"], single.loss.center2, rtol=1e-4, atol=1e-5)
     # the comparison has teeth: training moved the student far more than the tolerance
