@@ -7,8 +7,10 @@ Two measurements, forward + backward, bf16 on a GPU:
 1. attention alone on the packed problem (2B sequences of 197 tokens and 10B of 37,
    heads x 64): ibot_fast's per-group SDPA ("split", what `packed_attention` does for
    sdpa/math), xformers with a block-diagonal mask, SDPA on nested jagged tensors
-   (torch.nested, layout=torch.jagged), and FlexAttention with a document mask
-   (torch.compile'd); a variant that cannot run here is reported as unavailable;
+   (torch.nested, layout=torch.jagged), FlexAttention with a document mask
+   (torch.compile'd), and torch's variable-length flash attention (one call with
+   cumulative sequence lengths, no per-group split or concatenation: not yet measured on a
+   GPU); a variant that cannot run here is reported as unavailable;
 2. the student backbone on all crops: two passes (pack_crops=false) vs one packed pass,
    for each backend that runs here: images/sec and peak memory.
 Rows go to benchmarks/results/attention.jsonl with the device name.
@@ -46,6 +48,15 @@ def attention_variants():
         out = torch.nn.functional.scaled_dot_product_attention(nq, nk, nv)
         return out.transpose(1, 2).values()
 
+    def varlen(q, k, v, seqs):
+        """One flash-attention call over every sequence (torch >= 2.10, CUDA only)."""
+        from torch.nn.attention.varlen import varlen_attn
+
+        lengths = torch.tensor(seqs.seqlens(), device=q.device, dtype=torch.int32)
+        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0, dtype=torch.int32)])
+        longest = max(length for _, length in seqs.groups)
+        return varlen_attn(q, k, v, cu, cu, longest, longest)
+
     flex_cache = {}
 
     def flex(q, k, v, seqs):
@@ -71,7 +82,8 @@ def attention_variants():
         return out[0].transpose(0, 1)
 
     return {"split_sdpa": split, "split_math": lambda *a: split(*a, backend="math"),
-            "xformers_blockdiag": xformers, "sdpa_nested_jagged": nested, "flex": flex}
+            "xformers_blockdiag": xformers, "sdpa_nested_jagged": nested, "flex": flex,
+            "varlen_flash": varlen}
 
 
 def bench_attention_only(args, device, dtype, heads, head_dim, B):

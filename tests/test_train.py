@@ -270,3 +270,37 @@ def test_process_exits_with_persistent_workers(tmp_path, pipeline):
     proc = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_compiled_step_matches_eager_and_its_checkpoint_resumes_eager(tmp_path, twins):
+    """train.compile=true (inductor; on the CPU here, ~1 min of compiling): one fast-path
+    step gives the eager step's loss and student gradients within fp32 reordering, and the
+    compiled run's checkpoint carries plain parameter names, so an eager run resumes it.
+    The kernels' torch twins stand in for Triton here: Dynamo cannot trace the Triton
+    interpreter (on a GPU the compiled step was run with the kernels, benchmarks only)."""
+    results = {}
+    for compiled in (False, True):
+        trainer = Trainer(tiny_config(
+            tmp_path / str(compiled), "optim.freeze_last_layer=0", "model.drop_path_rate=0",
+            "optim.clip_grad=0", f"train.compile={str(compiled).lower()}", impl="fast"))
+        trainer.loader.set_epoch(0)
+        batch = next(iter(trainer.loader))
+        losses = trainer.train_step(batch, 0, 0)  # warm-up's first iteration: lr 0
+        grads = {n: p.grad.detach().clone() for n, p in
+                 trainer.student_module.named_parameters() if p.grad is not None}
+        results[compiled] = float(losses["loss"].detach()), grads, trainer
+    (loss_e, grads_e, _), (loss_c, grads_c, compiled) = results[False], results[True]
+    assert loss_c == pytest.approx(loss_e, rel=1e-5)
+    assert grads_c.keys() == grads_e.keys() and len(grads_e) > 10
+    for name, g in grads_e.items():
+        assert (grads_c[name] - g).norm() <= 1e-4 * g.norm() + 1e-12, name
+    compiled.iteration = 1
+    compiled.save()
+    state = torch.load(tmp_path / "True" / "checkpoint.pth", weights_only=False)
+    assert not any("_orig_mod" in k for k in state["student"])
+    resumed = Trainer(tiny_config(tmp_path / "True", "optim.freeze_last_layer=0",
+                                  "model.drop_path_rate=0", "optim.clip_grad=0", impl="fast"),
+                      "auto")
+    assert resumed.iteration == 1
+    for name, x in compiled.student_module.state_dict().items():
+        assert torch.equal(resumed.student_module.state_dict()[name], x), name
