@@ -9,7 +9,8 @@
 # attn data summary (about 9 minutes on an H100 with 16 cores: measured stage by stage on
 # 2026-11-22, benchmarks/results/logs/). More, by name:
 #   packages  install what lies under ./wheels into /tmp/site (no registry on the GPU
-#             machines, ../shared/GPU.md): every *.whl below it, wheels split into
+#             machines, ../shared/GPU.md; benchmarks/prepare_wheels.sh makes the pieces
+#             on a connected machine): every *.whl below it, wheels split into
 #             `NAME.whl.part-*` (parts may lie in different sub-folders) and unpacked-site
 #             archives `*.tar.xz` (split the same way) are reassembled first;
 #   gputests  the kernel tests and every gpu-marked test, on the GPU (correctness first);
