@@ -95,8 +95,15 @@ def env_info(device: torch.device) -> dict:
 
 
 def record(name: str, rows, device: torch.device, results_dir=None) -> Path:
-    """Append rows (dicts) to <results_dir>/<name>.jsonl, each with the environment."""
-    results_dir = Path(results_dir or os.environ.get("IBOT_FAST_RESULTS", RESULTS_DIR))
+    """Append rows (dicts) to <results_dir>/<name>.jsonl, each with the environment.
+
+    Smoke rows (CPU smoke modes) go to results/smoke/ (ignored by git) unless a directory
+    is named, so that a local smoke run leaves the committed GPU rows alone."""
+    results_dir = results_dir or os.environ.get("IBOT_FAST_RESULTS")
+    if results_dir is None:
+        smoke = rows and all(r.get("smoke") for r in rows)
+        results_dir = RESULTS_DIR / "smoke" if smoke else RESULTS_DIR
+    results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.jsonl"
     env = env_info(device)

@@ -86,3 +86,17 @@ def test_latest_train_rows_ratios_against_both_references():
     fast = latest[2]
     assert fast["x_vs_math"] == 2.5 and fast["x_vs_sdpa"] == pytest.approx(250 / 150)
     assert fast["mem_vs_math"] == 250 / 400 and latest[3]["x_vs_math"] == 3.0
+
+
+def test_smoke_rows_stay_out_of_the_committed_results(tmp_path, monkeypatch):
+    import torch
+
+    from benchmarks import common
+
+    monkeypatch.delenv("IBOT_FAST_RESULTS", raising=False)
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    cpu = torch.device("cpu")
+    assert common.record("x", [{"smoke": True}], cpu) == tmp_path / "smoke" / "x.jsonl"
+    assert common.record("x", [{"smoke": False}], cpu) == tmp_path / "x.jsonl"
+    named = tmp_path / "named"
+    assert common.record("x", [{"smoke": True}], cpu, named) == named / "x.jsonl"
