@@ -130,6 +130,21 @@ def test_unmasked_batch_gives_zero_patch_term():
     assert out["patch"] == 0 and out["cls"] > 0
 
 
+def assert_same_terms_and_grads(ref, fast, inputs, epoch):
+    """Both losses on the same inputs: equal terms and student gradients."""
+    s_cls, s_patch, t_cls, t_patch, masks = inputs
+    outs, grads = [], []
+    for loss in (ref, fast):
+        a, b = s_cls.clone().requires_grad_(True), s_patch.clone().requires_grad_(True)
+        out = loss(a, b, t_cls, t_patch, masks, epoch)
+        grads.append(torch.autograd.grad(out["loss"], [a, b]))
+        outs.append(out)
+    for key in ("loss", "cls", "patch"):
+        torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-5, atol=1e-5)
+    for g_fast, g_ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("n_local", [0, 2])
 def test_fast_impl_equals_reference(n_local):
     """The kernel path (under the Triton interpreter on the CPU) gives the same terms,
@@ -138,17 +153,7 @@ def test_fast_impl_equals_reference(n_local):
     for step in range(2):
         inputs = [x.float() if x.is_floating_point() else x
                   for x in make_inputs(n_local, seed=10 + step)]
-        s_cls, s_patch, t_cls, t_patch, masks = inputs
-        outs, grads = [], []
-        for loss in (ref, fast):
-            a, b = s_cls.clone().requires_grad_(True), s_patch.clone().requires_grad_(True)
-            out = loss(a, b, t_cls, t_patch, masks, step)
-            grads.append(torch.autograd.grad(out["loss"], [a, b]))
-            outs.append(out)
-        for key in ("loss", "cls", "patch"):
-            torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-5, atol=1e-5)
-        for g_fast, g_ref in zip(grads[1], grads[0]):
-            torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-6)
+        assert_same_terms_and_grads(ref, fast, inputs, step)
     torch.testing.assert_close(fast.center, ref.center)
     torch.testing.assert_close(fast.center2, ref.center2)
 
@@ -222,17 +227,7 @@ def test_sinkhorn_fast_impl_equals_reference(n_local):
     ref = make_loss(n_local, centering="sinkhorn").float()
     fast = make_loss(n_local, impl="fast", centering="sinkhorn").float()
     inputs = [x.float() if x.is_floating_point() else x for x in make_inputs(n_local, 9)]
-    s_cls, s_patch, t_cls, t_patch, masks = inputs
-    outs, grads = [], []
-    for loss in (ref, fast):
-        a, b = s_cls.clone().requires_grad_(True), s_patch.clone().requires_grad_(True)
-        out = loss(a, b, t_cls, t_patch, masks, 1)
-        grads.append(torch.autograd.grad(out["loss"], [a, b]))
-        outs.append(out)
-    for key in ("loss", "cls", "patch"):
-        torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-5, atol=1e-5)
-    for g_fast, g_ref in zip(grads[1], grads[0]):
-        torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-6)
+    assert_same_terms_and_grads(ref, fast, inputs, 1)
 
 
 def test_unknown_centering_is_an_error():

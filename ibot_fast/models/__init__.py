@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..phases import phase
 from .head import IBOTHead, WeightNormLinear
 from .vit import ARCHS, VisionTransformer, vit
 
@@ -140,8 +141,6 @@ def head_phase():
     inside torch.compile, which would otherwise break the graph there."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    from ibot_fast.phases import phase
-
     return phase("head")
 
 

@@ -130,6 +130,7 @@ def xformers_status() -> tuple:
     if not torch.cuda.is_available():
         return False, "no CUDA GPU"
     try:
+        import xformers
         import xformers.ops as xops
     except Exception as e:
         return False, f"xformers not importable ({type(e).__name__})"
@@ -139,13 +140,8 @@ def xformers_status() -> tuple:
         return True, ""
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return False, f"xformers {getattr(xformers_module(), '__version__', '?')} cannot run " \
-                      f"on this GPU/torch ({first})"
-
-
-def xformers_module():
-    import xformers
-    return xformers
+        return False, f"xformers {getattr(xformers, '__version__', '?')} cannot run on " \
+                      f"this GPU/torch ({first})"
 
 
 def xformers_available() -> bool:
