@@ -18,6 +18,12 @@ forward + backward (`fwd+bwd`, gradient of the loss rows with respect to the stu
     head+eager      the twin `fused_head_ce`: PyTorch head matmuls, then the eager loss
     head+triton     PyTorch head matmuls (bf16, as autocast runs them), then `triton`
     fused_head      `kernels.fused_head_ce`: logits computed on chip, never stored
+  tilings of the logits kernel's forward (`--tiles 16x256x4,4x1024x8`: BLOCK_R x BLOCK_K x
+  warps), each a method `triton@RxKxW` (its backward keeps the default tiles): the data
+  for choosing `_ce_blocks`' GPU configuration
+
+    python -m benchmarks.bench_centered_ce --rows 50176 --K 8192 --methods triton \
+        --tiles 16x256x4,8x256x2,32x256x8,4x1024x8
 
 Time: CUDA events, median and 20/80 quantiles after warm-up; inputs are rotated among
 copies that together exceed L2 when one copy would fit. `extra_mib`: peak memory allocated
@@ -85,7 +91,7 @@ def _head_inputs(rows, K, dtype, device, gen, dim):
             center, weight)
 
 
-def _methods(dtype):
+def _methods(dtype, tiles=()):
     """name -> loss function (inputs tuple -> (loss rows, colsum), differentiable leaves)."""
     from ibot_fast.kernels import centered_ce as kernels
     from ibot_fast.reference import centered_ce as reference
@@ -121,8 +127,24 @@ def _methods(dtype):
                 return run(inputs)
         return wrapped
 
+    def tiled(blocks):
+        """`triton` with the forward's tiles set to `blocks` (while the forward runs)."""
+        default = kernels._ce_blocks
+
+        def choose(K, dtype, device, backward=False):
+            return default(K, dtype, device, backward) if backward else blocks
+
+        def run(inputs):
+            kernels._ce_blocks = choose
+            try:
+                return on_logits(kernels.centered_softmax_ce_and_colsum)(inputs)
+            finally:
+                kernels._ce_blocks = default
+        return run
+
     compiled = torch.compile(reference.centered_softmax_ce_and_colsum, dynamic=False)
     return {
+        **{_tile_name(b): tiled(b) for b in tiles},
         "eager": on_logits(reference.centered_softmax_ce_and_colsum),
         "compile": on_logits(compiled),
         "triton": on_logits(kernels.centered_softmax_ce_and_colsum),
@@ -133,12 +155,16 @@ def _methods(dtype):
     }
 
 
+def _tile_name(blocks):
+    return "triton@" + "x".join(map(str, blocks))
+
+
 def _fits(method, rows, K, dim, elt, device):
     """Whether inputs plus the method's rough extra memory fit in free GPU memory."""
     if device.type != "cuda":
         return True
-    inputs = 2 * rows * K * elt if method in LOGIT_METHODS else 4 * K * dim * 4
-    need = inputs + EXTRA_BYTES_PER_LOGIT[method] * rows * K
+    inputs = 2 * rows * K * elt if _on_logits(method) else 4 * K * dim * 4
+    need = inputs + EXTRA_BYTES_PER_LOGIT.get(method, 2) * rows * K
     return need < 0.9 * torch.cuda.mem_get_info(device)[0]
 
 
@@ -157,7 +183,7 @@ def bench_shape(rows, K, dim, dtype, methods, fns, device, copy_gbps, warmup, re
         if not _fits(method, rows, K, dim, elt, device):
             out += [dict(base, phase=p, status="skip") for p in PHASES]
             continue
-        make = _logit_inputs if method in LOGIT_METHODS else _head_inputs
+        make = _logit_inputs if _on_logits(method) else _head_inputs
         try:
             copy = make(rows, K, dtype, device, gen, dim)
             n_bytes = sum(x.numel() * x.element_size() for x in copy)
@@ -175,6 +201,10 @@ def bench_shape(rows, K, dim, dtype, methods, fns, device, copy_gbps, warmup, re
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return out
+
+
+def _on_logits(method):
+    return method in LOGIT_METHODS or method.startswith("triton@")
 
 
 def _time_method(fn, copies, method, rows, K, elt, device, warmup, reps, copy_gbps, base):
@@ -230,6 +260,9 @@ def main(argv=None):
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated subset of {list(METHODS)} (default: all; "
                              "on the CPU all but compile)")
+    parser.add_argument("--tiles", default="",
+                        help="comma-separated forward tilings RxKxW of the logits kernel to "
+                             "time as methods triton@RxKxW (e.g. 16x256x4,4x1024x8)")
     parser.add_argument("--D", type=int, default=D, help="feature dimension of the head")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16",
                                                                 "float32"])
@@ -249,7 +282,14 @@ def main(argv=None):
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     default_methods = [m for m in METHODS if device.type == "cuda" or m != "compile"]
     methods = _csv(args.methods, str) if args.methods else default_methods
-    unknown = set(methods) - set(METHODS)
+    try:
+        tiles = [tuple(int(x) for x in t.split("x")) for t in _csv(args.tiles, str)]
+    except ValueError:
+        parser.error(f"--tiles takes RxKxW triples like 16x256x4, got {args.tiles!r}")
+    if any(len(t) != 3 for t in tiles):
+        parser.error(f"--tiles takes RxKxW triples like 16x256x4, got {args.tiles!r}")
+    methods += [_tile_name(t) for t in tiles]
+    unknown = set(methods) - set(METHODS) - {_tile_name(t) for t in tiles}
     if unknown:
         parser.error(f"unknown method(s) {sorted(unknown)}; choose from {list(METHODS)}")
     shapes = [(r, k) for r in _csv(args.rows, int) for k in _csv(args.K, int)]
@@ -264,7 +304,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     deadline = time.monotonic() + 60 * args.max_minutes
     ceilings = common.measure_ceilings(device)
-    fns = _methods(dtype)
+    fns = _methods(dtype, tiles)
     rows = []
     with _one_blas_thread(device):
         for n_rows, K in shapes:

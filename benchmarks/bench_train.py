@@ -196,7 +196,8 @@ def configs(args):
                 extra += [f"model.pack_crops={args.pack}", f"loss.center2_from={args.center2}",
                           f"loss.fused_last_layer={args.fused_last_layer}",
                           f"optim.fuse_ema={args.fuse_ema}", f"model.attention={args.attention}",
-                          f"model.efficient_drop_path={args.efficient_drop_path}"]
+                          f"model.efficient_drop_path={args.efficient_drop_path}",
+                          f"model.activation_checkpointing={args.checkpointing}"]
             else:
                 extra += ["model.attention=math" if args.reference_math else "model.attention=sdpa"]
             yield model, impl, False, common + extra
@@ -222,6 +223,8 @@ def get_args_parser():
     p.add_argument("--fused-last-layer", default="false")
     p.add_argument("--fuse-ema", default="false")
     p.add_argument("--efficient-drop-path", default="true")
+    p.add_argument("--checkpointing", default="none", choices=("none", "selective", "full"),
+                   help="fast path: model.activation_checkpointing")
     p.add_argument("--reference-math", action="store_true",
                    help="reference path with the math attention (the official code's)")
     p.add_argument("--compile", action="store_true", help="also torch.compile the fast path")

@@ -5,8 +5,8 @@
 #   STAGES="tests train" bash benchmarks/run_gpu.sh   # a subset of the stages, in that order
 #   SMOKE=1 bash benchmarks/run_gpu.sh            # the same steps in smoke mode (CPU, seconds)
 #
-# Stages. The default, in this order: packages gputests train train_official ce ema head
-# attn data summary (about 9 minutes on an H100 with 16 cores: measured stage by stage on
+# Stages. The default, in this order: packages gputests train train_official ce ce_tiles
+# ema head attn data summary (about 9 minutes on an H100 with 16 cores: measured stage by stage on
 # 2026-11-22, benchmarks/results/logs/). More, by name:
 #   packages  install what lies under ./wheels into /tmp/site (no registry on the GPU
 #             machines, ../shared/GPU.md; benchmarks/prepare_wheels.sh makes the pieces
@@ -15,11 +15,13 @@
 #             archives `*.tar.xz` (split the same way) are reassembled first;
 #   gputests  the kernel tests and every gpu-marked test, on the GPU (correctness first);
 #   train     the full step, reference vs fast, ViT-S/16 and ViT-B/16;
-#   ce        centered CE kernels; ema  EMA / AdamW+EMA; head  masked head;
+#   ce        centered CE kernels; ce_tiles  tilings of its forward;
+#   ema       EMA / AdamW+EMA; head  masked head;
 #   attn      attention backends, packed vs two-pass;
 #   train_compile, train_official, train_variants   the full step: torch.compile of the
 #             fast path; the reference with the math attention; fast-path options one by one;
 #   train_large  ViT-L/16 at batch 64;  trace  the top kernels of each path (ViT-B/16);
+#   memory    bench_memory's op-by-op count of the step's peak beside the allocator's;
 #   dalitests the DALI tests (CPU and GPU);
 #   data      the data pipeline (DALI on the GPU vs the CPU pipeline);
 #   pytest    the tests named in $PYTEST_ARGS;  gpumarked  the gpu-marked tests only;
@@ -39,7 +41,7 @@ mkdir -p "$RESULTS"
 LOG="$RESULTS/run_gpu.log"
 SMOKE_FLAG=""
 [ "${SMOKE:-0}" = "1" ] && SMOKE_FLAG="--smoke"
-STAGES=${STAGES:-packages gputests train train_official ce ema head attn data summary}
+STAGES=${STAGES:-packages gputests train train_official ce ce_tiles ema head attn data summary}
 step() { echo; echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
 pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" -C "$(dirname "$RESULTS")" \
   "$(basename "$RESULTS")" 2>/dev/null; return 0; }
@@ -113,11 +115,14 @@ PY
     bench 90 bench_train --impls reference --reference-math --results-name train ;;
   train_variants) step "full step: fast-path options one at a time (ViT-B/16)"
     for opt in "--efficient-drop-path false" "--pack false" "--fused-last-layer true" \
-               "--fuse-ema true" "--center2 all"; do
+               "--fuse-ema true" "--center2 all" "--checkpointing selective" \
+               "--checkpointing full"; do
       echo "-- $opt" | tee -a "$LOG"
       bench 60 bench_train --models vit_base --impls fast --steps 10 --no-phases $opt \
         --results-name train_variants
     done ;;
+  memory) step "peak memory counted op by op vs the allocator's (bench_memory)"
+    bench 150 bench_memory --models vit_small,vit_base --batch 8,16 ;;
   train_large) step "full step: ViT-L/16, batch 64"
     bench 150 bench_train --models vit_large --batch 64 --results-name train ;;
   trace) step "full step: the kernels with the most device time (ViT-B/16)"
@@ -126,6 +131,9 @@ PY
   dalitests) step "DALI tests (CPU and GPU)"
     pytest_run dali "${DALI_TESTS_LIMIT:-300}" --timeout=200 tests/test_dali.py ;;
   ce) step "centered CE kernels"; bench "${CE_LIMIT:-150}" bench_centered_ce --max-minutes 2 ;;
+  ce_tiles) step "centered CE forward: tilings (_ce_blocks' GPU choice)"
+    bench 90 bench_centered_ce --rows 50176,7500 --K 8192,65536 --methods triton --max-minutes 1 \
+      --tiles 16x256x4,8x256x2,32x256x8,16x512x4,4x1024x8 ;;
   ema) step "EMA / AdamW+EMA"; bench 90 bench_ema ;;
   head) step "masked head"; bench 90 bench_masked_head ;;
   attn) step "attention"; bench 120 bench_attention ;;

@@ -17,7 +17,8 @@ Forward, one pass over K per row, fp32 accumulation, no [rows, K] intermediate i
 The grid is (row groups) x (column blocks of BLOCK_K): a program owns one column block and
 walks its group's rows in [BLOCK_R, BLOCK_K] tiles, writing for every row the block's
 softmax statistics (student max and sum of exp, teacher max, sum of exp and sum of
-exp * s/ts) and keeping the teacher column sums of its block in registers. A small
+exp * s/ts; in base-2 units, exp2 with log2(e) folded into the temperature) and keeping
+the teacher column sums of its block in registers. A small
 combine kernel merges the per-block statistics of a row with the online-softmax
 rescaling (flash-decoding's split-K), giving the loss and both log-normalisers.
 
@@ -84,6 +85,10 @@ __all__ = [
 ]
 
 
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): one multiply folded in
+LN2 = tl.constexpr(0.6931471805599453)
+
+
 # --------------------------------------------------------------------------------------
 # Kernels: centred cross-entropy on logits
 # --------------------------------------------------------------------------------------
@@ -104,17 +109,20 @@ def _centered_ce_fwd_kernel(
     inv_tt,          # 1 / teacher temperature
     HAS_WEIGHT: tl.constexpr,  # rows with weight 0 are padding: not read, not summed
     COLSUM: tl.constexpr,      # also produce the teacher column sums
+    EVEN_K: tl.constexpr,      # K % BLOCK_K == 0: no column masks
     BLOCK_R: tl.constexpr,     # rows per tile
     BLOCK_K: tl.constexpr,     # columns per program (one block of K)
 ):
     group = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     plane = tl.num_programs(1).to(tl.int64) * rows  # elements per statistic
+    a_s = inv_ts * LOG2E  # logits to base-2 exponents: exp(x / T) = exp2(x * LOG2E / T)
+    a_t = inv_tt * LOG2E
 
     cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
-    c = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
-    colsum = tl.zeros([BLOCK_K], dtype=tl.float32)
+    c2 = tl.load(c_ptr + cols, mask=col_ok, other=0.0) * a_t
+    colsum = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # summed over rows at the end
 
     row_start = group * rows_per_group
     for r0 in range(row_start, row_start + rows_per_group, BLOCK_R):
@@ -124,20 +132,23 @@ def _centered_ce_fwd_kernel(
         if HAS_WEIGHT:
             w = tl.load(w_ptr + r, mask=in_range, other=0.0)
             row_ok = row_ok & (w != 0.0)
-        mask = row_ok[:, None] & col_ok[None, :]
+        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & col_ok[None, :]
         s = tl.load(s_ptr + r[:, None] * stride_s + cols[None, :], mask=mask, other=0.0)
         t = tl.load(t_ptr + r[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
-        s = s.to(tl.float32) * inv_ts
         t = t.to(tl.float32)
+        s = s.to(tl.float32) * a_s  # s/ts in base-2 units
+        z = t * a_t - c2[None, :]   # (t - c)/tt in base-2 units
+        s_m = s
+        if not EVEN_K:
+            s_m = tl.where(col_ok[None, :], s, float("-inf"))
+            z = tl.where(col_ok[None, :], z, float("-inf"))
 
-        # student: max and sum of exp of s/ts over this block
-        s_m = tl.where(col_ok[None, :], s, float("-inf"))
+        # student: max and sum of exp2 over this block; teacher: the same for z, and the
+        # sum of exp2(z) * s (s is 0, not -inf, in masked columns: e * s stays 0 there)
         s_max = tl.max(s_m, axis=1)
-        s_sum = tl.sum(tl.exp(s_m - s_max[:, None]), axis=1)
-        # teacher: max and sum of exp of z = (t - c)/tt, and sum of exp(z) * s/ts
-        z = tl.where(col_ok[None, :], (t - c[None, :]) * inv_tt, float("-inf"))
+        s_sum = tl.sum(tl.exp2(s_m - s_max[:, None]), axis=1)
         z_max = tl.max(z, axis=1)
-        e = tl.exp(z - z_max[:, None])
+        e = tl.exp2(z - z_max[:, None])
         z_sum = tl.sum(e, axis=1)
         zs_dot = tl.sum(e * s, axis=1)
 
@@ -148,10 +159,10 @@ def _centered_ce_fwd_kernel(
         tl.store(out + 3 * plane, z_sum, mask=in_range)
         tl.store(out + 4 * plane, zs_dot, mask=in_range)
         if COLSUM:
-            colsum += tl.sum(t, axis=0)  # padding rows were loaded as 0
+            colsum += t  # padding rows were loaded as 0
 
     if COLSUM:
-        tl.store(colsum_ptr + group * K + cols, colsum, mask=col_ok)
+        tl.store(colsum_ptr + group * K + cols, tl.sum(colsum, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -181,20 +192,21 @@ def _centered_ce_combine_kernel(
     z_sum = tl.load(ptrs + 3 * plane, mask=mask, other=0.0)
     zs_dot = tl.load(ptrs + 4 * plane, mask=mask, other=0.0)
 
+    # statistics are in base-2 units (exp2 of logits * LOG2E / T); lse leaves in natural ones
     m_s = tl.max(s_max, axis=1)
-    lse_s = m_s + tl.log(tl.sum(s_sum * tl.exp(s_max - m_s[:, None]), axis=1))
+    lse_s = m_s + tl.log2(tl.sum(s_sum * tl.exp2(s_max - m_s[:, None]), axis=1))
     m_t = tl.max(z_max, axis=1)
-    rescale = tl.exp(z_max - m_t[:, None])
+    rescale = tl.exp2(z_max - m_t[:, None])
     d_t = tl.sum(z_sum * rescale, axis=1)
     n_t = tl.sum(zs_dot * rescale, axis=1)
-    loss = lse_s - n_t / d_t  # = -sum_k p_k log_softmax(s/ts)_k
+    loss = (lse_s - n_t / d_t) * LN2  # = -sum_k p_k log_softmax(s/ts)_k
     if HAS_WEIGHT:
         w = tl.load(w_ptr + r, mask=row_ok, other=0.0)
         loss = tl.where(w != 0.0, w * loss, 0.0)
 
     tl.store(loss_ptr + r, loss, mask=row_ok)
-    tl.store(lse_ptr + r, lse_s, mask=row_ok)
-    tl.store(lse_ptr + rows + r, m_t + tl.log(d_t), mask=row_ok)
+    tl.store(lse_ptr + r, lse_s * LN2, mask=row_ok)
+    tl.store(lse_ptr + rows + r, (m_t + tl.log2(d_t)) * LN2, mask=row_ok)
 
 
 @triton.jit
@@ -226,11 +238,12 @@ def _load_lse(
     rows,       # number of rows
     row_ok,     # [BLOCK_R] rows in range and not padding
 ):
-    """(logsumexp(s/ts), logsumexp((t - c)/tt)) of the rows; +inf on the other rows, so
-    that every exp(x - lse) there is 0 rather than an overflow."""
+    """(logsumexp(s/ts), logsumexp((t - c)/tt)) of the rows in base-2 units (times
+    LOG2E); +inf on the other rows, so that every exp2(x - lse) there is 0 rather than an
+    overflow."""
     lse_s = tl.load(lse_ptr + r, mask=row_ok, other=float("inf"))
     lse_t = tl.load(lse_ptr + rows + r, mask=row_ok, other=float("inf"))
-    return lse_s, lse_t
+    return lse_s * LOG2E, lse_t * LOG2E
 
 
 @triton.jit
@@ -251,6 +264,7 @@ def _centered_ce_bwd_kernel(
     inv_tt,      # 1 / teacher temperature
     HAS_WEIGHT: tl.constexpr,  # rows with weight 0 get a zero gradient, unread
     HAS_DLOSS: tl.constexpr,   # False: upstream gradient 1 (in-place forward)
+    EVEN_K: tl.constexpr,      # K % BLOCK_K == 0: no column masks
     BLOCK_R: tl.constexpr,     # rows per program
     BLOCK_K: tl.constexpr,     # columns per program
 ):
@@ -262,14 +276,15 @@ def _centered_ce_bwd_kernel(
     row_ok, scale = _row_grad_scale(w_ptr, dloss_ptr, r, rows, inv_ts, HAS_WEIGHT, HAS_DLOSS)
     lse_s, lse_t = _load_lse(lse_ptr, r, rows, row_ok)
 
-    mask = row_ok[:, None] & col_ok[None, :]
+    mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & col_ok[None, :]
     s = tl.load(s_ptr + r[:, None] * stride_s + cols[None, :], mask=mask, other=0.0)
     t = tl.load(t_ptr + r[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
-    c = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
-    q = tl.exp(s.to(tl.float32) * inv_ts - lse_s[:, None])
-    p = tl.exp((t.to(tl.float32) - c[None, :]) * inv_tt - lse_t[:, None])
+    a_t = inv_tt * LOG2E
+    c2 = tl.load(c_ptr + cols, mask=col_ok, other=0.0) * a_t
+    q = tl.exp2(s.to(tl.float32) * (inv_ts * LOG2E) - lse_s[:, None])
+    p = tl.exp2(t.to(tl.float32) * a_t - c2[None, :] - lse_t[:, None])
     ds = tl.where(mask, scale[:, None] * (q - p), 0.0)
-    out_mask = (r < rows)[:, None] & col_ok[None, :]
+    out_mask = (r < rows)[:, None] if EVEN_K else (r < rows)[:, None] & col_ok[None, :]
     tl.store(ds_ptr + r[:, None] * stride_ds + cols[None, :],
              ds.to(ds_ptr.dtype.element_ty), mask=out_mask)
 
@@ -345,9 +360,10 @@ def _head_grad_tile(
     """d loss / d logits for one tile, fp32, zero outside the valid rows and columns."""
     s, t = _logits_tiles(fs_ptr, ws_ptr, ft_ptr, wt_ptr, rr, kk, D,
                          BLOCK_R, BLOCK_K, BLOCK_D, UPCAST, DOT_PRECISION)
-    c = tl.load(c_ptr + kk)
-    q = tl.exp(s * inv_ts - lse_s[:, None])
-    p = tl.exp((t - c[None, :]) * inv_tt - lse_t[:, None])
+    a_t = inv_tt * LOG2E
+    c2 = tl.load(c_ptr + kk) * a_t
+    q = tl.exp2(s * (inv_ts * LOG2E) - lse_s[:, None])
+    p = tl.exp2(t * a_t - c2[None, :] - lse_t[:, None])
     return tl.where(row_ok[:, None] & col_ok[None, :], scale[:, None] * (q - p), 0.0)
 
 
@@ -380,6 +396,8 @@ def _fused_head_ce_fwd_kernel(
     ft_ptr += row0 * D
 
     # online softmax statistics over this split's columns (merged by the combine kernel)
+    a_s = inv_ts * LOG2E
+    a_t = inv_tt * LOG2E
     s_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     s_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
     z_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -392,18 +410,19 @@ def _fused_head_ce_fwd_kernel(
         kk = _clamped_offsets(k0, k_end, BLOCK_K)
         s, t = _logits_tiles(fs_ptr, ws_ptr + k0 * D, ft_ptr, wt_ptr + k0 * D, rr, kk, D,
                              BLOCK_R, BLOCK_K, BLOCK_D, UPCAST, DOT_PRECISION)
-        s = s * inv_ts
-        c = tl.load(c_ptr + k0 + kk)
+        s = s * a_s  # base-2 units, as in the logits kernel (the combine kernel is shared)
+        c2 = tl.load(c_ptr + k0 + kk) * a_t
 
         s_m = tl.where(col_ok[None, :], s, float("-inf"))
         new_max = tl.maximum(s_max, tl.max(s_m, axis=1))
-        s_sum = s_sum * tl.exp(s_max - new_max) + tl.sum(tl.exp(s_m - new_max[:, None]), axis=1)
+        s_sum = s_sum * tl.exp2(s_max - new_max) + \
+            tl.sum(tl.exp2(s_m - new_max[:, None]), axis=1)
         s_max = new_max
 
-        z = tl.where(col_ok[None, :], (t - c[None, :]) * inv_tt, float("-inf"))
+        z = tl.where(col_ok[None, :], t * a_t - c2[None, :], float("-inf"))
         new_max = tl.maximum(z_max, tl.max(z, axis=1))
-        rescale = tl.exp(z_max - new_max)
-        e = tl.exp(z - new_max[:, None])
+        rescale = tl.exp2(z_max - new_max)
+        e = tl.exp2(z - new_max[:, None])
         z_sum = z_sum * rescale + tl.sum(e, axis=1)
         zs_dot = zs_dot * rescale + tl.sum(e * s, axis=1)
         z_max = new_max
@@ -552,16 +571,27 @@ def _target_programs(device: torch.device, per_sm: int) -> int:
     return 16
 
 
-def _ce_blocks(K: int, device: torch.device):
-    """(BLOCK_R, BLOCK_K, num_warps) of the logits kernels. GPU: tiles of 4 x 1024 and 8
-    warps, 16 logits of each tensor per thread in flight (ptxas, sm_90: 128 registers, no
-    spills); not yet tuned by timing. Interpreter: larger tiles, since its cost is per
-    program and per op."""
-    if device.type == "cuda":
+def _ce_blocks(K: int, dtype: torch.dtype, device: torch.device, backward: bool = False):
+    """(BLOCK_R, BLOCK_K, num_warps) of the logits kernels.
+
+    GPU forward: a tile row is exactly one warp's 32 lanes x one 16-byte load (256
+    columns of bf16/fp16, 128 of fp32) and the warps stack along rows (16 rows, 4 warps),
+    so each of the five row statistics is reduced inside one warp (shuffles, no shared
+    memory, no barrier) and the teacher column sums accumulate elementwise, reduced
+    across warps once per program. The first configuration (4 x 1024 tiles, 8 warps)
+    spread a row over 4 warps: five shared-memory reductions per tile, and the forward
+    reached 28-30% of the H100's copy bandwidth (the elementwise backward ~70%). The new
+    one is not yet timed on a GPU: `bench_centered_ce --tiles` compares configurations.
+    GPU backward (elementwise): 4 x 1024 tiles, 8 warps. Interpreter: large tiles, since
+    its cost is per program and per op."""
+    if device.type != "cuda":
+        return 16, min(next_power_of_2(K), 4096), 4
+    if backward:
         block_k = min(next_power_of_2(K), 1024)
         block_r = max(1, 4096 // block_k)
         return block_r, block_k, num_warps_for(block_r * block_k // 2)
-    return 16, min(next_power_of_2(K), 4096), 4
+    lane_cols = 16 // torch.empty((), dtype=dtype).element_size()
+    return 16, min(next_power_of_2(K), 32 * lane_cols), 4
 
 
 def _check_logits(student, teacher, center, student_temp, teacher_temp, weight):
@@ -591,10 +621,11 @@ def _weight_arg(weight):
 
 
 def centered_ce_fwd(student, teacher, center, student_temp, teacher_temp, weight=None,
-                    with_colsum=False):
+                    with_colsum=False, blocks=None):
     """Forward of the logits kernel.
 
-    student, teacher: [rows, K]; center: [K]; weight: [rows] or None.
+    student, teacher: [rows, K]; center: [K]; weight: [rows] or None; blocks: (BLOCK_R,
+    BLOCK_K, num_warps) instead of `_ce_blocks`' choice (benchmarks compare tilings).
     Returns (loss [rows] fp32, colsum [K] fp32 or None, lse [2, rows] fp32), lse holding
     logsumexp(s / ts) and logsumexp((t - c) / tt) for the backward.
     """
@@ -611,7 +642,7 @@ def centered_ce_fwd(student, teacher, center, student_temp, teacher_temp, weight
     if rows == 0:
         return loss, colsum, lse
 
-    block_r, block_k, num_warps = _ce_blocks(K, device)
+    block_r, block_k, num_warps = blocks or _ce_blocks(K, student.dtype, device)
     n_blocks = triton.cdiv(K, block_k)
     n_tiles = triton.cdiv(rows, block_r)
     n_groups = max(1, min(n_tiles, _target_programs(device, 4) // n_blocks))
@@ -625,7 +656,7 @@ def centered_ce_fwd(student, teacher, center, student_temp, teacher_temp, weight
         student, teacher, center, weight if weight is not None else center, stats, partial,
         rows, K, student.stride(0), teacher.stride(0), rows_per_group,
         1.0 / student_temp, 1.0 / teacher_temp,
-        HAS_WEIGHT=weight is not None, COLSUM=with_colsum,
+        HAS_WEIGHT=weight is not None, COLSUM=with_colsum, EVEN_K=K % block_k == 0,
         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
     )
     _combine(stats, weight, loss, lse)
@@ -646,11 +677,12 @@ def _combine(stats, weight, loss, lse):
 
 
 def centered_ce_bwd(student, teacher, center, lse, student_temp, teacher_temp,
-                    weight=None, dloss=None, out=None):
+                    weight=None, dloss=None, out=None, blocks=None):
     """Backward of the logits kernel: d loss / d student, in the student's dtype.
 
     lse: [2, rows] from `centered_ce_fwd`; dloss: [rows] upstream gradient, or None for 1;
-    out: where to write it ([rows, K], the student's dtype; may be `student` itself).
+    out: where to write it ([rows, K], the student's dtype; may be `student` itself);
+    blocks: (BLOCK_R, BLOCK_K, num_warps) instead of `_ce_blocks`' choice.
     """
     rows, K = student.shape
     student, teacher = _rows_contiguous(student), _rows_contiguous(teacher)
@@ -665,14 +697,15 @@ def centered_ce_bwd(student, teacher, center, lse, student_temp, teacher_temp,
     if rows == 0:
         return out
 
-    block_r, block_k, num_warps = _ce_blocks(K, student.device)
+    block_r, block_k, num_warps = blocks or _ce_blocks(K, student.dtype, student.device,
+                                                       backward=True)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(K, block_k))
     _centered_ce_bwd_kernel[grid](
         student, teacher, center, weight if weight is not None else lse, lse,
         dloss if dloss is not None else lse, out,
         rows, K, student.stride(0), teacher.stride(0), out.stride(0),
         1.0 / student_temp, 1.0 / teacher_temp,
-        HAS_WEIGHT=weight is not None, HAS_DLOSS=dloss is not None,
+        HAS_WEIGHT=weight is not None, HAS_DLOSS=dloss is not None, EVEN_K=K % block_k == 0,
         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
     )
     return out

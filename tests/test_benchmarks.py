@@ -100,3 +100,37 @@ def test_smoke_rows_stay_out_of_the_committed_results(tmp_path, monkeypatch):
     assert common.record("x", [{"smoke": False}], cpu) == tmp_path / "x.jsonl"
     named = tmp_path / "named"
     assert common.record("x", [{"smoke": True}], cpu, named) == named / "x.jsonl"
+
+
+def test_live_bytes_counts_storages_once_and_sees_the_backward():
+    import torch
+
+    from benchmarks.bench_memory import LiveBytes
+
+    x = torch.randn(1000, requires_grad=True)
+    with LiveBytes() as live:
+        a = torch.randn(1000)          # 4000 bytes
+        view = a[10:20].view(2, 5)     # same storage: nothing more
+        a.mul_(2)                      # in place: nothing more
+        assert live.now == live.peak == 4000 and view.numel() == 10
+        b = a * 2                      # 4000 more
+        del b                          # freed
+        assert live.now == 4000 and live.peak == 8000
+        (x.exp() * a).sum().backward()  # the backward's buffers, x.grad included
+    assert x.grad is not None and live.peak >= 8000 + 4000
+    del a, view
+    assert live.now == 4000  # only x.grad, created inside, is still alive
+
+
+def test_bench_memory_smoke_orders_the_paths(results):
+    from benchmarks import bench_memory
+
+    assert bench_memory.main(["--smoke"]) == 0
+    rows = {r["path"]: r for r in read(results / "memory.jsonl")}
+    assert set(rows) == set(bench_memory.PATHS)
+    per_img = {k: r["step_mib_per_img"] for k, r in rows.items()}
+    assert all(v > 0 for v in per_img.values())
+    # checkpointing keeps less per image, and full keeps least
+    assert per_img["fast full"] < per_img["fast selective"] < per_img["fast"]
+    assert per_img["fast"] < per_img["reference (math)"]
+    assert rows["fast"]["persistent_mib"] > 0

@@ -38,7 +38,8 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("options", [
     (),
-    ("optim.fuse_ema=true", "loss.fused_last_layer=true", "model.pack_crops=true"),
+    ("optim.fuse_ema=true", "loss.fused_last_layer=true", "model.pack_crops=true",
+     "model.activation_checkpointing=selective"),
 ])
 def test_fast_steps_match_reference(tmp_path, reference, options):
     fast = run(tmp_path, "fast", *options)
@@ -53,7 +54,7 @@ def test_fast_steps_match_reference(tmp_path, reference, options):
 @pytest.mark.parametrize("first,second", [("reference", "fast"), ("fast", "reference")])
 def test_checkpoints_cross_paths(tmp_path, reference, first, second):
     """2 steps on one path, checkpoint, 2 steps on the other: the same as 4 on one."""
-    fused = ("optim.fuse_ema=true",)
+    fused = ("optim.fuse_ema=true", "model.activation_checkpointing=full")
     run(tmp_path, first, "train.stop_at_iter=2", *(fused if first == "fast" else ()))
     resumed = run(tmp_path, second, *(fused if second == "fast" else ()), resume="auto")
     assert resumed.iteration == 4

@@ -219,6 +219,36 @@ def test_every_output_and_workspace_is_written(poisoned_empty, weighted, device)
     assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("blocks", [(16, 256, 4), (16, 128, 4), (4, 1024, 8), (2, 64, 1)])
+@pytest.mark.parametrize("K", [1000, 1024])
+def test_every_tiling_matches_twin(blocks, K, device):
+    """The GPU tilings (`_ce_blocks`: 16 x 256 and 16 x 128, 4 warps, forward; 4 x 1024, 8
+    warps, backward; the interpreter otherwise uses other tiles) and an odd one give the
+    twin's loss, column sums and gradient, with and without column masks (K = 1000, 1024)
+    and with rows not a multiple of the tile (37)."""
+    gen = _generator("tiling", blocks, K)
+    student, teacher, center, weight, dloss = _inputs(37, K, torch.float16, device, gen)
+    loss, colsum, lse = kernels.centered_ce_fwd(student, teacher, center, STUDENT_TEMP, 0.05,
+                                                weight, with_colsum=True, blocks=blocks)
+    grad = kernels.centered_ce_bwd(student, teacher, center, lse, STUDENT_TEMP, 0.05, weight,
+                                   dloss, blocks=blocks)
+    (loss_r, colsum_r), grad_r = _run(reference.centered_softmax_ce_and_colsum, student,
+                                      teacher, center, STUDENT_TEMP, 0.05, weight, dloss=dloss)
+    _close(loss, loss_r, LOSS_TOL[torch.float16], "loss")
+    _close(colsum, colsum_r, LOSS_TOL[torch.float16], "column sums")
+    _close(grad, grad_r, GRAD_TOL[torch.float16], "d loss / d student")
+
+
+def test_gpu_tiles_keep_a_row_inside_one_warp():
+    """The forward's GPU tile row is one warp's 32 lanes x 16 bytes (so row statistics
+    reduce within a warp); the backward keeps its 4 x 1024 elementwise tiles."""
+    cuda = torch.device("cuda")
+    assert kernels._ce_blocks(8192, torch.bfloat16, cuda) == (16, 256, 4)
+    assert kernels._ce_blocks(8192, torch.float32, cuda) == (16, 128, 4)
+    assert kernels._ce_blocks(100, torch.float16, cuda) == (16, 128, 4)
+    assert kernels._ce_blocks(8192, torch.bfloat16, cuda, backward=True) == (4, 1024, 8)
+
+
 def test_backward_overwrites_a_given_buffer(device):
     gen = _generator("out")
     student, teacher, center, weight, dloss = _inputs(37, 1000, torch.float16, device, gen)

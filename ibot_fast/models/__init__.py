@@ -148,7 +148,7 @@ def build_backbone(cfg, drop_path_rate: float = 0.0, attention_backend: str = "m
     m = cfg.model
     return vit(m.arch, cfg.data.global_size, m.patch_size, drop_path_rate=drop_path_rate,
                attention_backend=attention_backend, efficient_drop_path=m.efficient_drop_path,
-               pack_crops=m.pack_crops)
+               pack_crops=m.pack_crops, activation_checkpointing=m.activation_checkpointing)
 
 
 def build_head(cfg) -> IBOTHead:
@@ -164,6 +164,7 @@ def build_student_teacher(cfg, attention_backend: str = "math"):
     student = IBOTNet(build_backbone(cfg, cfg.model.drop_path_rate, attention_backend),
                       build_head(cfg))
     teacher = copy.deepcopy(student)
+    teacher.backbone.activation_checkpointing = "none"  # no backward to save memory for
     for block in teacher.backbone.blocks:
         block.drop_path = 0.0
     for p in teacher.parameters():

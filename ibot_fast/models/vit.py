@@ -9,14 +9,29 @@ Sizes (`ARCHS`): ViT-S/B/L as in the paper, and `vit_demo` for the CPU demo on 3
 digits: dim 128, depth 4, 4 heads (0.8 M parameters) with 4 px patches, so a 32 px
 global crop is an 8x8 grid and a 16 px local crop 4x4; an epoch of the digits takes
 well under a minute on two CPU cores.
+
+Activation checkpointing (`activation_checkpointing`, the student's memory knob):
+    none       every block keeps what its backward needs (~36 x dim bytes per token in
+               bf16: LayerNorm inputs in fp32, qkv, attention output, MLP activations)
+    selective  each block keeps only the outputs of its matmuls and of attention, plus
+               its input; LayerNorms, GELU, dtype casts, drop path and residual adds are
+               recomputed in the backward (elementwise: cheap). No matmul is recomputed.
+    full       each block keeps only its input and recomputes its whole forward in the
+               backward (about a third more FLOPs; DINOv2's `checkpointing`)
+Random draws (drop path) are replayed exactly, so all three give the same gradients.
 """
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
 
 from .attention import Seqs, attention, packed_attention
+
+CHECKPOINTING = ("none", "selective", "full")
 
 ARCHS = {
     "vit_demo": dict(dim=128, depth=4, heads=4),
@@ -40,6 +55,38 @@ def drop_path(x: torch.Tensor, p: float, training: bool, seqs: Seqs = None) -> t
     n = sum(count for count, _ in seqs.groups)
     mask = seqs.per_token(x.new_empty(n).bernoulli_(keep).div_(keep))
     return x * mask[:, None]
+
+
+_SAVED_OPS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "linear"}
+
+
+def _keep_matmuls_and_attention(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy: keep what is expensive to recompute (matmuls, and
+    attention kernels of any backend: SDPA's flash / efficient / cuDNN / CPU ones,
+    xformers' ops), recompute the rest."""
+    name = op.name() if hasattr(op, "name") else str(op)
+    namespace, _, rest = name.partition("::")
+    base = rest.split(".")[0]
+    if base in _SAVED_OPS or "attention" in base or namespace.startswith("xformers"):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_selective_contexts = functools.partial(create_selective_checkpoint_contexts,
+                                        _keep_matmuls_and_attention)
+
+
+def run_block(block: nn.Module, x: torch.Tensor, seqs, mode: str) -> torch.Tensor:
+    """block(x, seqs) with the named activation checkpointing (module docstring)."""
+    if mode == "none" or not (block.training and torch.is_grad_enabled()):
+        return block(x, seqs)
+    if mode == "full":
+        return checkpoint(block, x, seqs, use_reentrant=False)
+    if mode == "selective":
+        return checkpoint(block, x, seqs, use_reentrant=False,
+                          context_fn=_selective_contexts)
+    raise ValueError(f"activation_checkpointing={mode!r} is not one of "
+                     f"{', '.join(CHECKPOINTING)}")
 
 
 class PatchEmbed(nn.Module):
@@ -124,8 +171,13 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, dim: int = 384,
                  depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0,
                  drop_path_rate: float = 0.0, attention_backend: str = "math",
-                 efficient_drop_path: bool = False, pack_crops: bool = False):
+                 efficient_drop_path: bool = False, pack_crops: bool = False,
+                 activation_checkpointing: str = "none"):
         super().__init__()
+        if activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is "
+                             f"not one of {', '.join(CHECKPOINTING)}")
+        self.activation_checkpointing = activation_checkpointing
         self.patch_size = patch_size
         self.embed_dim = dim
         self.num_heads = heads
@@ -188,7 +240,7 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
         x = self.prepare_tokens(x, mask)
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, None, self.activation_checkpointing)
         return self.norm(x)
 
     def forward_crops(self, global_crops: torch.Tensor, masks: torch.Tensor = None,
@@ -208,7 +260,7 @@ class VisionTransformer(nn.Module):
         seqs = Seqs([(tg.shape[0], tg.shape[1]), (tl.shape[0], tl.shape[1])])
         x = torch.cat([tg.reshape(-1, tg.shape[-1]), tl.reshape(-1, tl.shape[-1])])
         for block in self.blocks:
-            x = block(x, seqs)
+            x = run_block(block, x, seqs, self.activation_checkpointing)
         x = self.norm(x)
         out_g, out_l = seqs.split(x)
         return out_g, out_l
@@ -226,10 +278,11 @@ class VisionTransformer(nn.Module):
 
 def vit(arch: str, img_size: int, patch_size: int, drop_path_rate: float = 0.0,
         attention_backend: str = "math", efficient_drop_path: bool = False,
-        pack_crops: bool = False) -> VisionTransformer:
+        pack_crops: bool = False, activation_checkpointing: str = "none"
+        ) -> VisionTransformer:
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
     return VisionTransformer(img_size=img_size, patch_size=patch_size,
                              drop_path_rate=drop_path_rate, attention_backend=attention_backend,
                              efficient_drop_path=efficient_drop_path, pack_crops=pack_crops,
-                             **ARCHS[arch])
+                             activation_checkpointing=activation_checkpointing, **ARCHS[arch])

@@ -1,0 +1,207 @@
+"""Peak memory of one full training step, counted tensor by tensor: on any device, CPU too.
+
+A GPU reports its peak through the caching allocator (`bench_train` prints it); a CPU
+has no such counter. This script counts instead: every tensor storage created during
+one `Trainer.train_step` is added when an op creates it and subtracted when it is freed
+(`LiveBytes`, a TorchDispatchMode that sees every op, the backward's included), on top of
+the state that lives across steps (student and teacher weights, optimizer state, centers,
+flat buffers), counted once. That is `torch.cuda.max_memory_allocated` less the
+allocator's rounding and the kernels' workspaces, so the paths (reference, fast,
+activation checkpointing) can be compared at full model size and real crop sizes on a
+machine without a GPU, with a few images per step. The step's peak above the persistent
+state is a fixed part (gradients, the autocast copies of the weights) plus a part that
+grows linearly with the batch (activations), so each path is measured at two batch sizes
+and the line through them gives the bytes per image and the peak at a chosen batch
+(`--scale-to`, 128 by default). On a GPU the allocator's peak is printed beside the
+count, as a check of the count.
+
+    python -m benchmarks.bench_memory --models vit_small --batch 1,2
+    python -m benchmarks.bench_memory --smoke        # tiny model, seconds (make test)
+
+On the CPU the Triton kernels run under TRITON_INTERPRET=1 when it is set (their buffers
+are the ones a GPU allocates) and through their PyTorch twins otherwise (which
+materialise [rows, K] intermediates: a little more memory than the kernels). Rows go to
+benchmarks/results/memory.jsonl (smoke rows to results/smoke/).
+"""
+import argparse
+import gc
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from benchmarks.bench_train import synthetic_batch
+from benchmarks.common import env_info, print_table, record
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages created while active and still alive; `peak` is the
+    largest value seen. A storage is counted once however many views share it; outputs
+    that alias an input (views, in-place and out= ops) add nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = 0
+        self.peak = 0
+        self._alive = {}
+
+    def _freed(self, key, nbytes):
+        if self._alive.pop(key, None) is not None:
+            self.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in inputs or key in self._alive:
+                continue
+            self._alive[key] = nbytes
+            weakref.finalize(storage, self._freed, key, nbytes)
+            self.now += nbytes
+            self.peak = max(self.peak, self.now)
+        return out
+
+
+def persistent_bytes(trainer) -> int:
+    """Bytes of the distinct storages that live across steps."""
+    tensors = []
+    for module in (trainer.student_module, trainer.teacher, trainer.loss):
+        tensors += list(module.state_dict(keep_vars=True).values())
+        tensors += [p.grad for p in module.parameters() if p.grad is not None]
+    for state in trainer.optimizer.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    for flat in (getattr(trainer, "flat_student", None), getattr(trainer, "flat_teacher", None)):
+        if flat is not None:
+            tensors += tree_flatten([v for k, v in vars(flat).items() if k != "module"])[0]
+    storages = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+def measure(cfg, device) -> dict:
+    """Persistent MiB, and the step's peak above it (counted; allocator peak on a GPU)."""
+    from ibot_fast.train import Trainer
+
+    trainer = Trainer(cfg)
+    batch = synthetic_batch(trainer, cfg, device)
+    trainer.train_step(batch, 10, 1)  # optimizer state exists from here on
+    if getattr(trainer, "flat_student", None) is None:
+        trainer.optimizer.zero_grad(set_to_none=True)  # the step allocates them again
+    gc.collect()
+    base = persistent_bytes(trainer)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        allocated_before = torch.cuda.memory_allocated(device)
+    with LiveBytes() as live:
+        trainer.train_step(batch, 11, 1)
+    row = {"persistent_mib": base / 2**20, "step_peak_mib": live.peak / 2**20}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        row["allocator_step_peak_mib"] = \
+            (torch.cuda.max_memory_allocated(device) - allocated_before) / 2**20
+    del trainer, batch
+    gc.collect()
+    return row
+
+
+PATHS = {
+    # label: overrides
+    "reference (math)": ["train.impl=reference", "model.attention=math"],
+    "reference (sdpa)": ["train.impl=reference", "model.attention=sdpa"],
+    "fast": ["train.impl=fast"],
+    "fast selective": ["train.impl=fast", "model.activation_checkpointing=selective"],
+    "fast full": ["train.impl=fast", "model.activation_checkpointing=full"],
+}
+FAST = ["model.pack_crops=true", "model.efficient_drop_path=true", "loss.center2_from=masked",
+        "masks.sampler=stratified"]
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("bench_memory", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="vit_small,vit_base",
+                   type=lambda s: [m.strip() for m in s.split(",") if m.strip()])
+    p.add_argument("--paths", default=",".join(PATHS),
+                   type=lambda s: [m.strip() for m in s.split(",") if m.strip()])
+    p.add_argument("--batch", default="1,2", type=lambda s: [int(b) for b in s.split(",")],
+                   help="two batch sizes to measure (the line through them extrapolates)")
+    p.add_argument("--scale-to", type=int, default=128,
+                   help="also print the peak extrapolated to this batch")
+    p.add_argument("--n-local", type=int, default=10)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--smoke", action="store_true", help="tiny model, seconds")
+    p.add_argument("--results-name", default="memory")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    from ibot_fast.config import build_config
+
+    unknown = [p for p in args.paths if p not in PATHS]
+    if unknown:
+        raise SystemExit(f"unknown path {unknown[0]!r}; choose from: {', '.join(PATHS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.smoke:
+        args.models = ["vit_demo"] if args.models == ["vit_small", "vit_base"] else args.models
+        args.n_local = min(args.n_local, 2)
+    print(f"device: {env_info(device)['device']}; batch {args.batch}, 2 global + "
+          f"{args.n_local} local crops, {args.precision}")
+    if len(args.batch) != 2 or args.batch[0] >= args.batch[1]:
+        raise SystemExit("--batch takes two increasing batch sizes, e.g. 1,2")
+    rows = []
+    for model in args.models:
+        for label in args.paths:
+            print(f"-- {model} {label}", flush=True)
+            small, large = (measure(build_config(None, _overrides(args, model, label, b, device)),
+                                    device) for b in args.batch)
+            per_img = (large["step_peak_mib"] - small["step_peak_mib"]) / \
+                (args.batch[1] - args.batch[0])
+            fixed = large["step_peak_mib"] - per_img * args.batch[1]
+            row = {"bench": "memory", "model": model, "path": label, "batch": args.batch,
+                   "n_local": args.n_local, "precision": args.precision, "smoke": args.smoke,
+                   "overrides": _overrides(args, model, label, args.batch[1], device),
+                   **large, "step_fixed_mib": fixed, "step_mib_per_img": per_img,
+                   f"peak_mib_at_{args.scale_to}":
+                       large["persistent_mib"] + fixed + per_img * args.scale_to}
+            if "allocator_step_peak_mib" in small:
+                row["allocator_step_peak_mib_small"] = small["allocator_step_peak_mib"]
+            rows.append(row)
+    for r in rows:
+        ref = next((x for x in rows if x["model"] == r["model"]
+                    and x["path"] == "reference (math)"), None)
+        if ref is not None:
+            r["per_img_ratio_vs_math_ref"] = r["step_mib_per_img"] / ref["step_mib_per_img"]
+    path = record(args.results_name, rows, device)
+    print(f"\nrows appended to {path}")
+    print_table(rows, ["model", "path", "persistent_mib", "step_fixed_mib", "step_mib_per_img",
+                       f"peak_mib_at_{args.scale_to}", "per_img_ratio_vs_math_ref"]
+                + (["step_peak_mib", "allocator_step_peak_mib"] if device.type == "cuda" else []))
+    return 0
+
+
+def _overrides(args, model, label, batch, device):
+    overrides = [f"model.arch={model}", f"train.batch_size={batch}",
+                 f"data.synthetic_size={batch}", f"data.n_local={args.n_local}",
+                 "data.source=synthetic", "data.num_workers=0",
+                 f"train.precision={args.precision}", "train.log_every=1000000",
+                 "train.output_dir=/tmp/ibot_fast_bench", f"train.device={device.type}"]
+    if args.smoke:
+        overrides += ["data.global_size=32", "data.local_size=16", "model.patch_size=4",
+                      "model.out_dim=512", "model.patch_out_dim=512",
+                      "model.head_hidden_dim=256", "model.head_bottleneck_dim=64"]
+    return overrides + PATHS[label] + (FAST if label.startswith("fast") else [])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
