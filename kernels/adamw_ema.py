@@ -47,6 +47,8 @@ from ibot_fast.reference.adamw_ema import bias_correction_table
 from .ema import ema_
 from .utils import use_triton
 
+LAUNCH = (2048, 8)  # (BLOCK, num_warps): elementwise, 8 fp32 of each stream per thread
+
 
 @triton.jit
 def _adamw_ema_kernel(
@@ -145,7 +147,7 @@ def adamw_ema_fwd(param, grad, exp_avg, exp_avg_sq, teacher, step, *, lr, weight
     if grad_scale is not None:
         grad_scale = grad_scale.to(torch.float32)
     if n:
-        block, num_warps = 2048, 8
+        block, num_warps = LAUNCH
         _adamw_ema_kernel[(triton.cdiv(n, block),)](
             param,
             grad,

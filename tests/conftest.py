@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -26,6 +27,25 @@ for _name in ("centered_ce", "masked_gather", "ema", "adamw_ema"):
 
 # Two cores on CI: keep torch from oversubscribing them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run while active, by overload packet name (`counts`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def op_counter():
+    """The OpCounter class: `with op_counter() as c: ...; c.counts`."""
+    return OpCounter
 
 
 def pytest_collection_modifyitems(config, items):

@@ -91,6 +91,26 @@ def test_efficient_drop_path_matches_in_expectation():
         torch.testing.assert_close(subset(x), deterministic)
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_attention_backward_assembles_dqkv_with_one_copy(pack, op_counter):
+    """The backward stacks dq, dk, dv straight into the qkv projection's layout (one
+    `stack` per attention call) and joins the packed groups with one `cat`: no zero-filled
+    full-size gradient (select_backward, slice_backward), no extra clone."""
+    torch.manual_seed(0)
+    model = vit("vit_demo", 32, 4, attention_backend="sdpa", pack_crops=pack)
+    tg, tl = model.forward_crops(torch.randn(2, 3, 32, 32), None, torch.randn(4, 3, 16, 16))
+    loss = tg.square().sum() + tl.square().sum()
+    with op_counter() as backward:
+        loss.backward()
+    counts = backward.counts
+    assert "select_backward" not in counts and "clone" not in counts
+    # the only slices: the position embedding's, split for the local crops' interpolation
+    assert counts.get("slice_backward", 0) == 2
+    assert counts.get("stack", 0) == len(model.blocks) * 2  # one per group of sequences
+    # packed: one cat per block (the groups' dqkv) and one for forward_crops' output split
+    assert counts.get("cat", 0) == (len(model.blocks) + 1 if pack else 0)
+
+
 def test_efficient_drop_path_packed_runs_and_drops():
     torch.manual_seed(0)
     block = Block(16, 2, drop_path=0.5, efficient_drop_path=True)

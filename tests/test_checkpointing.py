@@ -2,22 +2,8 @@
 bytes kept for the backward, and (selective) no matmul recomputed."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ibot_fast.models.vit import run_block, vit
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops run (by overload packet name) while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def _model(mode, backend="sdpa", pack=False, efficient=False, dtype=torch.float64):
@@ -68,22 +54,22 @@ def test_checkpointing_equals_plain(mode, backend, pack, efficient):
     assert not torch.allclose(other[0], plain[0])
 
 
-def _matmuls(model):
+def _matmuls(model, op_counter):
     """(forward, backward) counts of matmul ops in one forward + backward."""
     g, masks, loc = _inputs(torch.float32)
-    with OpCounter() as fwd:
+    with op_counter() as fwd:
         tg, tl = model.forward_crops(g, masks, loc)
     loss = tg.sum() + tl.square().sum()
-    with OpCounter() as bwd:
+    with op_counter() as bwd:
         loss.backward()
     count = lambda c: sum(c.counts.get(k, 0) for k in ("mm", "addmm", "bmm"))  # noqa: E731
     return count(fwd), count(bwd)
 
 
-def test_selective_recomputes_no_matmul_and_full_recomputes_them_all():
-    none_f, none_b = _matmuls(_model("none", "math", dtype=torch.float32))
-    sel_f, sel_b = _matmuls(_model("selective", "math", dtype=torch.float32))
-    full_f, full_b = _matmuls(_model("full", "math", dtype=torch.float32))
+def test_selective_recomputes_no_matmul_and_full_recomputes_them_all(op_counter):
+    none_f, none_b = _matmuls(_model("none", "math", dtype=torch.float32), op_counter)
+    sel_f, sel_b = _matmuls(_model("selective", "math", dtype=torch.float32), op_counter)
+    full_f, full_b = _matmuls(_model("full", "math", dtype=torch.float32), op_counter)
     assert none_f == sel_f == full_f > 0
     assert sel_b == none_b  # every matmul output came from the forward's cache
     # full reruns the blocks' forward matmuls (torch stops each rerun early once the

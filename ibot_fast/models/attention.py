@@ -37,12 +37,12 @@ class Seqs:
         self.total = sum(n * length for n, length in self.groups)
 
     def split(self, x: torch.Tensor):
-        """Per-group views [count, length, ...] of a packed [T, ...] tensor."""
-        out, start = [], 0
-        for n, length in self.groups:
-            out.append(x[start:start + n * length].view(n, length, *x.shape[1:]))
-            start += n * length
-        return out
+        """Per-group views [count, length, ...] of a packed [T, ...] tensor. One
+        `split` rather than slices: its backward concatenates the groups' gradients in one
+        write, where each slice's backward would zero-fill a whole [T, ...] tensor first."""
+        parts = x.split([n * length for n, length in self.groups])
+        return [part.view(n, length, *x.shape[1:])
+                for part, (n, length) in zip(parts, self.groups)]
 
     def seqlens(self):
         return [length for n, length in self.groups for _ in range(n)]
@@ -99,6 +99,16 @@ def attention(q, k, v, backend: str = "math"):
     return _FUNCTIONS[backend](q, k, v)
 
 
+def split_qkv(qkv: torch.Tensor, n: int, length: int, heads: int):
+    """q, k, v [n, heads, length, head_dim]: views of a qkv projection [n, length, 3 dim]
+    (or [n * length, 3 dim]). Unbinding the q/k/v axis before moving the heads keeps
+    the backward to one copy: autograd stacks dq, dk, dv straight into the projection's
+    layout. (Indexing qkv[0], qkv[1], qkv[2] would zero-fill three full-size gradients
+    and add them; unbinding after the permute would stack and then copy once more.)"""
+    q, k, v = qkv.reshape(n, length, 3, heads, -1).unbind(2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
 def packed_attention(qkv: torch.Tensor, seqs: Seqs, heads: int, backend: str) -> torch.Tensor:
     """Attention of packed tokens within their own sequence: qkv [T, 3 * dim] -> [T, dim]."""
     T, three_dim = qkv.shape
@@ -114,8 +124,7 @@ def packed_attention(qkv: torch.Tensor, seqs: Seqs, heads: int, backend: str) ->
     outs = []
     for group in seqs.split(qkv):
         n, length = group.shape[:2]
-        q, k, v = group.view(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, backend)  # [n, heads, length, head_dim]
+        out = attention(*split_qkv(group, n, length, heads), backend)  # [n, heads, length, d]
         outs.append(out.transpose(1, 2).reshape(n * length, dim))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
-from .attention import Seqs, attention, packed_attention
+from .attention import Seqs, attention, packed_attention, split_qkv
 
 CHECKPOINTING = ("none", "selective", "full")
 
@@ -112,8 +112,7 @@ class Attention(nn.Module):
         if seqs is not None:
             return self.proj(packed_attention(self.qkv(x), seqs, self.heads, self.backend))
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        out = attention(qkv[0], qkv[1], qkv[2], self.backend)  # [B, heads, N, head_dim]
+        out = attention(*split_qkv(self.qkv(x), B, N, self.heads), self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
