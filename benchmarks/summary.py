@@ -51,7 +51,9 @@ def main(argv=None):
             ("ema", ["model", "kind", "method", "ms", "gbps", "of_copy", "speedup"]),
             ("masked_head", ["model", "variant", "center2", "ms", "speedup", "mem_ratio"]),
             ("attention", ["model", "bench", "variant", "backend", "packed", "ms", "img_per_s"]),
-            ("data", ["pipeline", "workers", "img_per_s"])):
+            ("data", ["pipeline", "workers", "img_per_s"]),
+            ("memory", ["model", "path", "persistent_mib", "step_mib_per_img",
+                        "peak_mib_at_128", "step_peak_mib", "allocator_step_peak_mib"])):
         rows = latest_run(results / f"{name}.jsonl", args.device)
         if rows:
             print(f"\n{name} ({rows[-1]['device']}):")
