@@ -36,12 +36,15 @@ from benchmarks.common import env_info, print_table, record
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensor storages created while active and still alive; `peak` is the
-    largest value seen. A storage is counted once however many views share it; outputs
-    that alias an input (views, in-place and out= ops) add nothing."""
+    """Bytes of the tensor storages created while active and still alive, on `device`'s
+    type (all devices when None); `peak` is the largest value seen. A storage is counted
+    once however many views share it; outputs that alias an input (views, in-place and
+    out= ops) add nothing. Buffers that compiled (Inductor) code allocates inside its
+    kernels are not seen: measure eager steps."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device = None):
         super().__init__()
+        self.device_type = None if device is None else torch.device(device).type
         self.now = 0
         self.peak = 0
         self._alive = {}
@@ -56,7 +59,8 @@ class LiveBytes(TorchDispatchMode):
         inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta" or \
+                    (self.device_type is not None and t.device.type != self.device_type):
                 continue
             storage = t.untyped_storage()
             key, nbytes = storage.data_ptr(), storage.nbytes()
@@ -103,7 +107,7 @@ def measure(cfg, device) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         allocated_before = torch.cuda.memory_allocated(device)
-    with LiveBytes() as live:
+    with LiveBytes(device) as live:
         trainer.train_step(batch, 11, 1)
     row = {"persistent_mib": base / 2**20, "step_peak_mib": live.peak / 2**20}
     if device.type == "cuda":

@@ -66,16 +66,17 @@ def specs(ce_tiles=None):
     ce_div16 = {"K", "stride_s", "stride_t", "stride_ds", "rows_per_group", "k_per_split", "D"}
     fwd_tiles = ce_tiles or [centered_ce._ce_blocks(8192, torch.bfloat16, CUDA)]
     for block_r, block_k, warps in fwd_tiles:
-        out.append(Spec(f"centered_ce fwd {block_r}x{block_k}x{warps} bf16",
-                        centered_ce._centered_ce_fwd_kernel,
-                        _types(centered_ce._centered_ce_fwd_kernel, logits, temps),
-                        dict(HAS_WEIGHT=True, COLSUM=True, EVEN_K=True, BLOCK_R=block_r,
-                             BLOCK_K=block_k), warps, div16=ce_div16))
+        for even in (True, False):  # K a multiple of the tile (8192), or not (1000)
+            out.append(Spec(f"centered_ce fwd {block_r}x{block_k}x{warps} bf16"
+                            f"{'' if even else ' masked'}", centered_ce._centered_ce_fwd_kernel,
+                            _types(centered_ce._centered_ce_fwd_kernel, logits, temps),
+                            dict(HAS_WEIGHT=True, COLSUM=True, EVEN_K=even, BLOCK_R=block_r,
+                                 BLOCK_K=block_k), warps, div16=ce_div16))
     block_r, block_k, warps = centered_ce._ce_blocks(8192, torch.float32, CUDA)
     out.append(Spec(f"centered_ce fwd {block_r}x{block_k}x{warps} fp32",
                     centered_ce._centered_ce_fwd_kernel,
                     _types(centered_ce._centered_ce_fwd_kernel, {}, temps),
-                    dict(HAS_WEIGHT=True, COLSUM=True, EVEN_K=False, BLOCK_R=block_r,
+                    dict(HAS_WEIGHT=True, COLSUM=True, EVEN_K=True, BLOCK_R=block_r,
                          BLOCK_K=block_k), warps, div16=ce_div16))
     block_r, block_k, warps = centered_ce._ce_blocks(8192, torch.bfloat16, CUDA, backward=True)
     out.append(Spec(f"centered_ce bwd {block_r}x{block_k}x{warps} bf16",
@@ -83,10 +84,15 @@ def specs(ce_tiles=None):
                     _types(centered_ce._centered_ce_bwd_kernel, logits, temps),
                     dict(HAS_WEIGHT=True, HAS_DLOSS=True, EVEN_K=True, BLOCK_R=block_r,
                          BLOCK_K=block_k), warps, div16=ce_div16))
-    block_r, block_n, warps = centered_ce._combine_blocks(8192 // fwd_tiles[0][1])
-    out.append(Spec("centered_ce combine", centered_ce._centered_ce_combine_kernel,
-                    _types(centered_ce._centered_ce_combine_kernel, {}),
-                    dict(HAS_WEIGHT=True, BLOCK_R=block_r, BLOCK_N=block_n), warps))
+    # the combine kernel merges one set of statistics per column block: K / BLOCK_K of them
+    for K, dtype in ((8192, torch.bfloat16), (65536, torch.bfloat16), (65536, torch.float32),
+                     (262144, torch.float32)):
+        n_blocks = K // centered_ce._ce_blocks(K, dtype, CUDA)[1]
+        block_r, block_n, warps = centered_ce._combine_blocks(n_blocks)
+        out.append(Spec(f"centered_ce combine K={K} {str(dtype)[6:]} ({n_blocks} blocks)",
+                        centered_ce._centered_ce_combine_kernel,
+                        _types(centered_ce._centered_ce_combine_kernel, {}),
+                        dict(HAS_WEIGHT=True, BLOCK_R=block_r, BLOCK_N=block_n), warps))
     for dtype, ptr in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
         fwd, bwd = centered_ce._fused_blocks(256, dtype, CUDA)
         upcast, precision = dtype == torch.float32, "tf32"
@@ -189,12 +195,12 @@ def main(argv=None):
             failed += 1
             error = f"{type(e).__name__}: {str(e)[-600:]}"
             print(json.dumps({"kernel": spec.name, "error": error}) if args.json else
-                  f"  {spec.name:45s} FAILED: {error}")
+                  f"  {spec.name:52s} FAILED: {error}")
             continue
         if args.json:
             print(json.dumps({"kernel": spec.name, "num_warps": spec.num_warps, **info}))
             continue
-        print(f"  {spec.name:45s} {info['registers']:4d} regs  {info['spill_bytes']:5d} B "
+        print(f"  {spec.name:52s} {info['registers']:4d} regs  {info['spill_bytes']:5d} B "
               f"spilled  {info['shared_bytes']:6d} B shared  ({spec.num_warps} warps)")
         if args.layouts:
             for layout in info["layouts"]:

@@ -122,7 +122,7 @@ def _centered_ce_fwd_kernel(
 
     cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
-    c2 = tl.load(c_ptr + cols, mask=col_ok, other=0.0) * a_t
+    c = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
     colsum = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # summed over rows at the end
 
     row_start = group * rows_per_group
@@ -138,7 +138,7 @@ def _centered_ce_fwd_kernel(
         t = tl.load(t_ptr + r[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
         t = t.to(tl.float32)
         s = s.to(tl.float32) * a_s  # s/ts in base-2 units
-        z = t * a_t - c2[None, :]   # (t - c)/tt in base-2 units
+        z = (t - c[None, :]) * a_t  # (t - c)/tt in base-2 units; t - c first, as the twin
         s_m = s
         if not EVEN_K:
             s_m = tl.where(col_ok[None, :], s, float("-inf"))
@@ -280,10 +280,9 @@ def _centered_ce_bwd_kernel(
     mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & col_ok[None, :]
     s = tl.load(s_ptr + r[:, None] * stride_s + cols[None, :], mask=mask, other=0.0)
     t = tl.load(t_ptr + r[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
-    a_t = inv_tt * LOG2E
-    c2 = tl.load(c_ptr + cols, mask=col_ok, other=0.0) * a_t
+    c = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
     q = tl.exp2(s.to(tl.float32) * (inv_ts * LOG2E) - lse_s[:, None])
-    p = tl.exp2(t.to(tl.float32) * a_t - c2[None, :] - lse_t[:, None])
+    p = tl.exp2((t.to(tl.float32) - c[None, :]) * (inv_tt * LOG2E) - lse_t[:, None])
     ds = tl.where(mask, scale[:, None] * (q - p), 0.0)
     out_mask = (r < rows)[:, None] if EVEN_K else (r < rows)[:, None] & col_ok[None, :]
     tl.store(ds_ptr + r[:, None] * stride_ds + cols[None, :],
@@ -361,10 +360,9 @@ def _head_grad_tile(
     """d loss / d logits for one tile, fp32, zero outside the valid rows and columns."""
     s, t = _logits_tiles(fs_ptr, ws_ptr, ft_ptr, wt_ptr, rr, kk, D,
                          BLOCK_R, BLOCK_K, BLOCK_D, UPCAST, DOT_PRECISION)
-    a_t = inv_tt * LOG2E
-    c2 = tl.load(c_ptr + kk) * a_t
+    c = tl.load(c_ptr + kk)
     q = tl.exp2(s * (inv_ts * LOG2E) - lse_s[:, None])
-    p = tl.exp2(t * a_t - c2[None, :] - lse_t[:, None])
+    p = tl.exp2((t - c[None, :]) * (inv_tt * LOG2E) - lse_t[:, None])
     return tl.where(row_ok[:, None] & col_ok[None, :], scale[:, None] * (q - p), 0.0)
 
 
@@ -412,7 +410,7 @@ def _fused_head_ce_fwd_kernel(
         s, t = _logits_tiles(fs_ptr, ws_ptr + k0 * D, ft_ptr, wt_ptr + k0 * D, rr, kk, D,
                              BLOCK_R, BLOCK_K, BLOCK_D, UPCAST, DOT_PRECISION)
         s = s * a_s  # base-2 units, as in the logits kernel (the combine kernel is shared)
-        c2 = tl.load(c_ptr + k0 + kk) * a_t
+        c = tl.load(c_ptr + k0 + kk)
 
         s_m = tl.where(col_ok[None, :], s, float("-inf"))
         new_max = tl.maximum(s_max, tl.max(s_m, axis=1))
@@ -420,7 +418,7 @@ def _fused_head_ce_fwd_kernel(
             tl.sum(tl.exp2(s_m - new_max[:, None]), axis=1)
         s_max = new_max
 
-        z = tl.where(col_ok[None, :], t * a_t - c2[None, :], float("-inf"))
+        z = tl.where(col_ok[None, :], (t - c[None, :]) * a_t, float("-inf"))
         new_max = tl.maximum(z_max, tl.max(z, axis=1))
         rescale = tl.exp2(z_max - new_max)
         e = tl.exp2(z - new_max[:, None])
@@ -577,9 +575,11 @@ def _ce_blocks(K: int, dtype: torch.dtype, device: torch.device, backward: bool 
 
     GPU forward: a tile row is exactly one warp's 32 lanes x one 16-byte load (256
     columns of bf16/fp16, 128 of fp32) and the warps stack along rows (16 rows, 4 warps),
-    so each of the five row statistics is reduced inside one warp (shuffles, no shared
-    memory, no barrier) and the teacher column sums accumulate elementwise, reduced
-    across warps once per program. The first configuration (4 x 1024 tiles, 8 warps)
+    so each of the five row statistics is reduced inside one warp (shuffles) and the
+    teacher column sums accumulate elementwise, reduced across warps once per program.
+    Storing the statistics still moves each from the reduction's layout to the store's
+    through shared memory (5 small round trips per tile, as before; Triton picks the
+    store layout). The first configuration (4 x 1024 tiles, 8 warps)
     spread a row over 4 warps: five shared-memory reductions per tile, and the forward
     reached 28-30% of the H100's copy bandwidth (the elementwise backward ~70%). The new
     one is not yet timed on a GPU: `bench_centered_ce --tiles` compares configurations.
@@ -679,9 +679,11 @@ def _combine(stats, weight, loss, lse):
 
 
 def _combine_blocks(n_blocks: int):
-    """(BLOCK_R, BLOCK_N, num_warps) of the combine kernel for n_blocks column blocks."""
+    """(BLOCK_R, BLOCK_N, num_warps) of the combine kernel for n_blocks column blocks: at
+    most 2048 statistics of each kind per program (5 x 16 per thread), which ptxas (sm_90)
+    compiles without spills up to 2048 blocks (K = 262,144 in 128-column fp32 tiles)."""
     block_n = max(2, next_power_of_2(n_blocks))
-    return max(16, min(128, 2048 // block_n)), block_n, 4
+    return max(1, min(128, 2048 // block_n)), block_n, 4
 
 
 def centered_ce_bwd(student, teacher, center, lse, student_temp, teacher_temp,

@@ -120,6 +120,9 @@ def test_live_bytes_counts_storages_once_and_sees_the_backward():
     assert x.grad is not None and live.peak >= 8000 + 4000
     del a, view
     assert live.now == 4000  # only x.grad, created inside, is still alive
+    with LiveBytes(torch.device("cuda")) as elsewhere:  # counts one device type only
+        torch.randn(1000)
+    assert elsewhere.peak == 0
 
 
 def test_bench_memory_smoke_orders_the_paths(results):

@@ -105,3 +105,52 @@ def test_compiled_selective_checkpointing_equals_eager():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     for a, b in zip(eager[2], out[2]):
         assert (b - a).norm() <= 1e-4 * a.norm() + 1e-8
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+@pytest.mark.parametrize("pack", [False, True])
+def test_checkpointing_under_bf16_autocast(mode, pack):
+    """The trainer's setting: bf16 autocast, the blocks run twice in one autocast region
+    when unpacked (global, then local crops). Selective checkpointing must meet in its
+    recomputation the same weight casts as in the forward (it failed here with autocast's
+    cast cache on); the gradients equal those of keeping every activation."""
+    def run(m):
+        model = _model(m, "sdpa", pack, True, dtype=torch.float32)
+        g, masks, loc = _inputs(torch.float32)
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tg, tl = model.forward_crops(g, masks, loc)
+            loss = tg.float().square().mean() + tl.float().square().mean()
+        return tg, torch.autograd.grad(loss, list(model.parameters()))
+
+    plain_out, plain = run("none")
+    out, grads = run(mode)
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=0)  # same casts, same ops
+    for a, b in zip(plain, grads):
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_trainer_step_with_selective_checkpointing_in_bf16(tmp_path, impl):
+    """A training step of either path (two passes, bf16 autocast, stochastic depth) with
+    selective checkpointing gives the loss and student gradients of one without."""
+    from ibot_fast.train import Trainer
+    from tests.test_train import tiny_config
+
+    results = []
+    for mode in ("none", "selective"):
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_config(tmp_path / mode, "train.precision=bf16",
+                                      "train.device=cpu", "optim.freeze_last_layer=0",
+                                      f"model.activation_checkpointing={mode}", impl=impl))
+        trainer.loader.set_epoch(0)
+        batch = next(iter(trainer.loader))
+        torch.manual_seed(1)
+        losses = trainer.train_step(batch, 5, 0)
+        grads = [p.grad.detach().clone() for p in trainer.student_module.parameters()
+                 if p.grad is not None]
+        results.append((float(losses["loss"]), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-6) and len(grads_a) == len(grads_b) > 10
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-5)

@@ -76,6 +76,19 @@ _selective_contexts = functools.partial(create_selective_checkpoint_contexts,
                                         _keep_matmuls_and_attention)
 
 
+def _without_cast_cache(block: nn.Module, x: torch.Tensor, seqs) -> torch.Tensor:
+    """block(x, seqs) with autocast's weight-cast cache off. Selective checkpointing
+    replays the forward's ops in the backward and must meet the same casts: with the
+    cache on, a block run twice in one autocast region (the global then the local crops,
+    unpacked) casts its weights only the first time, its recomputation casts them again,
+    and torch stops ("_to_copy encountered during backward but not found in storage")."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return block(x, seqs)
+    with torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False):
+        return block(x, seqs)
+
+
 def run_block(block: nn.Module, x: torch.Tensor, seqs, mode: str) -> torch.Tensor:
     """block(x, seqs) with the named activation checkpointing (module docstring)."""
     if mode == "none" or not (block.training and torch.is_grad_enabled()):
@@ -83,7 +96,7 @@ def run_block(block: nn.Module, x: torch.Tensor, seqs, mode: str) -> torch.Tenso
     if mode == "full":
         return checkpoint(block, x, seqs, use_reentrant=False)
     if mode == "selective":
-        return checkpoint(block, x, seqs, use_reentrant=False,
+        return checkpoint(_without_cast_cache, block, x, seqs, use_reentrant=False,
                           context_fn=_selective_contexts)
     raise ValueError(f"activation_checkpointing={mode!r} is not one of "
                      f"{', '.join(CHECKPOINTING)}")
