@@ -5,11 +5,14 @@ the fast path against the reference path (official semantics, eager), in one run
     python -m benchmarks.bench_train --models vit_large --batch 64
     python -m benchmarks.bench_train --compile            # torch.compile of the fast path too
     python -m benchmarks.bench_train --with-data          # include the data pipeline
+    python -m benchmarks.bench_train --with-data --pipeline dali --workers 16
     python -m benchmarks.bench_train --smoke              # tiny model, 2 steps, CPU (make test)
 
 Each configuration builds a `Trainer` and times `train_step` on device-resident synthetic
 crops (2 x 224 + 10 x 96 by default) with masks from the configured sampler, so the model
-step is measured, not the data path (`--with-data` feeds real batches instead). After
+step is measured, not the data path (`--with-data` feeds batches from the configured
+pipeline instead: synthetic images decoded and augmented by DALI or the CPU workers,
+enough of them for the whole run, so no epoch restarts inside the timing). After
 warm-up, every step is timed with CUDA events (median and 20/80 quantiles); peak memory is
 read over the timed steps; a few more steps run with every named phase of
 ibot_fast.train timed by CUDA events (ibot_fast.phases: data, teacher, student, loss,
@@ -133,6 +136,20 @@ def phase_breakdown(trainer, batch, device, steps: int = 5) -> dict:
     return out
 
 
+def epochs(loader, first: int = 1):
+    """The loader's batches, epoch after epoch (set_epoch before each), without end."""
+    epoch = first
+    while True:
+        loader.set_epoch(epoch)
+        empty = True
+        for b in loader:
+            empty = False
+            yield b
+        if empty:
+            raise RuntimeError("the data loader yielded no batch in a whole epoch")
+        epoch += 1
+
+
 def bench_one(cfg, device, steps: int, warmup: int, with_data: bool, compile_: bool,
               profile_phases: bool) -> dict:
     from ibot_fast.train import Trainer
@@ -140,15 +157,11 @@ def bench_one(cfg, device, steps: int, warmup: int, with_data: bool, compile_: b
     cfg.train.compile = compile_
     trainer = Trainer(cfg)
     batch = synthetic_batch(trainer, cfg, device)
-    loader_iter = None
-    if with_data:
-        trainer.loader.set_epoch(1)
-        loader_iter = iter(trainer.loader)
-
+    batches = epochs(trainer.loader) if with_data else None
     it = {"i": 0}
 
     def step():
-        b = next(loader_iter) if loader_iter is not None else batch
+        b = next(batches) if with_data else batch
         trainer.train_step(b, 10 + it["i"] % 50, 1)
         it["i"] += 1
 
@@ -179,13 +192,16 @@ def bench_one(cfg, device, steps: int, warmup: int, with_data: bool, compile_: b
 
 def configs(args):
     """(label, overrides) for every model x impl to measure."""
-    base = [f"data.n_local={args.n_local}", "data.source=synthetic", "data.num_workers=0",
+    workers = args.workers if args.with_data else 0
+    base = [f"data.n_local={args.n_local}", "data.source=synthetic",
+            f"data.num_workers={workers}", f"data.pipeline={args.pipeline}",
             "train.output_dir=/tmp/ibot_fast_bench", "train.log_every=1000000",
             f"masks.sampler={args.sampler}", f"train.precision={args.precision}"]
     for model in args.models:
         batch = args.batch or (64 if model == "vit_large" else 128)
+        images = batch * (args.steps + args.warmup + 2) if args.with_data else batch
         common = base + [f"model.arch={model}", f"train.batch_size={batch}",
-                         f"data.synthetic_size={batch}"]
+                         f"data.synthetic_size={images}"]
         if args.smoke:
             common += ["data.global_size=32", "data.local_size=16", "model.patch_size=4",
                        "model.out_dim=512", "model.patch_out_dim=512",
@@ -229,6 +245,10 @@ def get_args_parser():
                    help="reference path with the math attention (the official code's)")
     p.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
     p.add_argument("--with-data", action="store_true", help="feed batches from the data path")
+    p.add_argument("--pipeline", default="auto", choices=("auto", "dali", "cpu"),
+                   help="with --with-data: data.pipeline (auto: DALI on a GPU when installed)")
+    p.add_argument("--workers", type=int, default=8,
+                   help="with --with-data: data.num_workers (CPU workers / DALI threads)")
     p.add_argument("--no-phases", action="store_true", help="skip the per-phase breakdown")
     p.add_argument("--trace", type=int, default=0, metavar="N",
                    help="also print the N kernels with the most device time per config")

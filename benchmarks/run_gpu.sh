@@ -20,6 +20,7 @@
 #   attn      attention backends, packed vs two-pass;
 #   train_compile, train_official, train_variants   the full step: torch.compile of the
 #             fast path; the reference with the math attention; fast-path options one by one;
+#   train_data   the fast step fed by the DALI pipeline (needs `packages` first);
 #   train_large  ViT-L/16 at batch 64;  trace  the top kernels of each path (ViT-B/16);
 #   memory    bench_memory's op-by-op count of the step's peak beside the allocator's;
 #   dalitests the DALI tests (CPU and GPU);
@@ -123,6 +124,9 @@ PY
     done ;;
   memory) step "peak memory counted op by op vs the allocator's (bench_memory)"
     bench 150 bench_memory --models vit_small,vit_base --batch 8,16 ;;
+  train_data) step "full step fed by DALI (synthetic JPEG-free images, GPU augmentation)"
+    bench 240 bench_train --impls fast --with-data --pipeline dali --workers 16 --no-phases \
+      --results-name train ;;
   train_large) step "full step: ViT-L/16, batch 64"
     bench 150 bench_train --models vit_large --batch 64 --results-name train ;;
   trace) step "full step: the kernels with the most device time (ViT-B/16)"

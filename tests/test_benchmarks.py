@@ -28,6 +28,36 @@ def test_bench_train_smoke_both_paths(results):
     assert "speedup" in fast
 
 
+@pytest.mark.parametrize("pipeline", ["cpu", "dali"])
+def test_bench_train_smoke_with_data(results, pipeline):
+    """--with-data feeds the step from the pipeline (synthetic images, decoded and
+    augmented) for more steps than one epoch of batches would hold: no StopIteration."""
+    if pipeline == "dali":
+        pytest.importorskip("nvidia.dali")
+    assert bench_train.main(["--smoke", "--no-phases", "--with-data", "--workers", "0",
+                             "--pipeline", pipeline, "--impls", "fast"]) == 0
+    rows = read(results / "train.jsonl")
+    assert rows and all(r["with_data"] and r["img_per_s"] > 0 for r in rows), rows
+
+
+def test_epochs_cycles_the_loader():
+    class Loader:
+        def __init__(self, n):
+            self.n, self.epochs = n, []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+        def __iter__(self):
+            return iter(range(self.n))
+
+    loader = Loader(2)
+    batches = bench_train.epochs(loader)
+    assert [next(batches) for _ in range(5)] == [0, 1, 0, 1, 0] and loader.epochs == [1, 2, 3]
+    with pytest.raises(RuntimeError, match="no batch"):
+        next(bench_train.epochs(Loader(0)))
+
+
 def test_step_flops_formula():
     from ibot_fast.config import build_config
 
