@@ -18,9 +18,12 @@ COMMON = ["data.source=synthetic", "data.synthetic_size=32", "data.num_workers=0
           "optim.freeze_last_layer=0", "optim.lr=0.05", "train.device=cpu"]
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_two_processes_match_one(tmp_path, impl):
-    overrides = COMMON + [f"train.impl={impl}"]
+@pytest.mark.parametrize("impl,extra", [
+    ("reference", []),
+    ("fast", ["model.activation_checkpointing=selective"]),  # DDP with checkpointed blocks
+])
+def test_two_processes_match_one(tmp_path, impl, extra):
+    overrides = COMMON + [f"train.impl={impl}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
     worker = Path(__file__).parent / "ddp_worker.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
