@@ -6,8 +6,9 @@
 #   SMOKE=1 bash benchmarks/run_gpu.sh            # the same steps in smoke mode (CPU, seconds)
 #
 # Stages. The default, in this order: packages gputests train train_official ce ce_tiles
-# ema head attn data summary (about 9 minutes on an H100 with 16 cores: measured stage by stage on
-# 2026-11-22, benchmarks/results/logs/). More, by name:
+# ema head attn data summary: about 9 minutes on an H100 with 16 cores, from the stage times
+# measured on 2026-11-22 (benchmarks/results/logs/; ce_tiles not yet run there, and `data`
+# then swept 1-16 workers in 4.3 min: by default it now times all cores only). More, by name:
 #   packages  install what lies under ./wheels into /tmp/site (no registry on the GPU
 #             machines, ../shared/GPU.md; benchmarks/prepare_wheels.sh makes the pieces
 #             on a connected machine): every *.whl below it, wheels split into
@@ -141,7 +142,8 @@ PY
   ema) step "EMA / AdamW+EMA"; bench 90 bench_ema ;;
   head) step "masked head"; bench 90 bench_masked_head ;;
   attn) step "attention"; bench 120 bench_attention ;;
-  data) step "data pipeline"; bench "${DATA_LIMIT:-180}" bench_data ${DATA_ARGS:-} ;;
+  data) step "data pipeline"  # one row each at all cores; DATA_ARGS="" for the worker sweep
+    bench "${DATA_LIMIT:-180}" bench_data ${DATA_ARGS---workers 64 --dali-workers 64} ;;
   pytest) step "pytest $PYTEST_ARGS"; pytest_run selected 300 --timeout=200 $PYTEST_ARGS ;;
   gpumarked) step "gpu-marked tests"; pytest_run gpu 200 --timeout=200 -m gpu tests ;;
   tests)
