@@ -40,6 +40,22 @@ def test_bench_train_smoke_with_data(results, pipeline):
     assert rows and all(r["with_data"] and r["img_per_s"] > 0 for r in rows), rows
 
 
+def test_bench_train_smoke_checkpointing(results):
+    assert bench_train.main(["--smoke", "--no-phases", "--impls", "fast",
+                             "--checkpointing", "selective"]) == 0
+    (row,) = read(results / "train.jsonl")
+    assert row["img_per_s"] > 0 and "model.activation_checkpointing=selective" in row["overrides"]
+
+
+def test_bench_centered_ce_tilings_smoke(results):
+    from benchmarks import bench_centered_ce
+
+    bench_centered_ce.main(["--smoke", "--methods", "triton", "--tiles", "16x256x4,4x1024x8"])
+    rows = read(results / "centered_ce.jsonl")
+    methods = {r["method"] for r in rows if r["status"] == "ok"}
+    assert methods == {"triton", "triton@16x256x4", "triton@4x1024x8"}, rows
+
+
 def test_epochs_cycles_the_loader():
     class Loader:
         def __init__(self, n):
