@@ -118,13 +118,14 @@ def bench_attention_only(args, device, dtype, heads, head_dim, B):
 
 
 def bench_backbone(args, device, dtype, model, B):
-    from ibot_fast.models.attention import xformers_available
+    from ibot_fast.models.attention import varlen_status, xformers_available
     from ibot_fast.models.vit import vit
 
-    backends = ["math", "sdpa"] + (["xformers"] if xformers_available() else [])
+    backends = ["math", "sdpa"] + (["xformers"] if xformers_available() else []) + \
+        (["varlen"] if varlen_status(device)[0] else [])
     rows = []
     for backend in backends:
-        for pack in (False, True):
+        for pack in ((True,) if backend == "varlen" else (False, True)):  # unpacked: sdpa
             torch.manual_seed(0)
             net = vit(model, args.global_size, args.patch, drop_path_rate=0.1,
                       attention_backend=backend, pack_crops=pack).to(device)

@@ -26,7 +26,7 @@ class ModelConfig:
     patch_size: int = 16  # patch side in pixels
     drop_path_rate: float = 0.1  # student stochastic depth: linspace(0, rate, depth)
     efficient_drop_path: bool = False  # skip the dropped samples' residual branch (DINOv2)
-    attention: str = "auto"  # auto | xformers | sdpa | math
+    attention: str = "auto"  # auto | xformers | sdpa | math | varlen (models/attention.py)
     pack_crops: bool = False  # student: global + local crops in one packed pass
     activation_checkpointing: str = "none"  # none | selective | full (student; models/vit.py)
     out_dim: int = 8192  # K: prototypes of the CLS head (last_layer)
@@ -271,7 +271,7 @@ def build_config(preset: str = None, overrides=()) -> Config:
 
 _CHOICES = {
     "model.arch": ("vit_demo", "vit_small", "vit_base", "vit_large"),
-    "model.attention": ("auto", "xformers", "sdpa", "math"),
+    "model.attention": ("auto", "xformers", "sdpa", "math", "varlen"),
     "model.activation_checkpointing": ("none", "selective", "full"),
     "data.source": ("digits", "folder", "webdataset", "synthetic"),
     "data.pipeline": ("cpu", "dali", "auto"),

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from ibot_fast import UserError
 from ibot_fast.models.attention import (Seqs, attention, packed_attention, resolve_backend,
-                                        xformers_status)
+                                        varlen_status, xformers_status)
 from ibot_fast.models.vit import Block, vit
 
 
@@ -68,6 +69,38 @@ def test_packed_pass_equals_two_passes(dtype, tol, backend):
         torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol * 10, msg=name)
 
 
+def _varlen_on_cpu(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kwargs):
+    """A CPU stand-in for torch's varlen_attn (CUDA only), same arguments and layout
+    ([T, heads, head_dim]): the math attention of each sequence in turn."""
+    assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and not kwargs
+    bounds = cu_seq_q.tolist()
+    assert bounds[0] == 0 and bounds[-1] == query.shape[0]
+    assert max_q == max_k == max(b - a for a, b in zip(bounds, bounds[1:]))
+    outs = [attention(*(x[a:b].transpose(0, 1)[None] for x in (query, key, value)), "math")
+            [0].transpose(0, 1) for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(outs)
+
+
+def test_varlen_packed_attention_plumbing(monkeypatch):
+    """The varlen backend hands torch's varlen_attn the packed q, k, v and the cumulative
+    lengths it expects, and reshapes its output back: with a CPU stand-in for the CUDA
+    kernel, outputs and gradients equal the math backend's."""
+    import torch.nn.attention.varlen as varlen_module
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", _varlen_on_cpu)
+    torch.manual_seed(0)
+    seqs = Seqs([(2, 7), (3, 4)])
+    qkv = torch.randn(seqs.total, 3 * 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(seqs.total, 12, dtype=torch.float64)
+    out = packed_attention(qkv, seqs, heads=3, backend="varlen")
+    (grad,) = torch.autograd.grad((out * w).sum(), qkv)
+    ref = packed_attention(qkv, seqs, heads=3, backend="math")
+    (grad_ref,) = torch.autograd.grad((ref * w).sum(), qkv)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad, grad_ref)
+    assert seqs.cu_seqlens("cpu").tolist() == [0, 7, 14, 18, 22, 26]
+
+
 def test_efficient_drop_path_matches_in_expectation():
     """Subset stochastic depth and the per-sample mask give the same mean output when
     B (1 - p) is a whole number (each sample is kept with the same probability)."""
@@ -124,15 +157,19 @@ def test_efficient_drop_path_packed_runs_and_drops():
 def test_auto_backend_on_cpu_is_sdpa():
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
     assert resolve_backend("math", torch.device("cpu")) == "math"
-    with pytest.raises(RuntimeError, match="xformers"):
+    with pytest.raises(UserError, match="xformers"):
         resolve_backend("xformers", torch.device("cpu"))
+    with pytest.raises(UserError, match="varlen"):
+        resolve_backend("varlen", torch.device("cpu"))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+@pytest.mark.parametrize("backend", ["sdpa", "xformers", "varlen"])
 def test_gpu_backends_equal_math(backend):
     if backend == "xformers" and not xformers_status()[0]:
         pytest.skip(xformers_status()[1])
+    if backend == "varlen" and not varlen_status(torch.device("cuda"))[0]:
+        pytest.skip(varlen_status(torch.device("cuda"))[1])
     torch.manual_seed(0)
     q, k, v = (torch.randn(8, 6, 197, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ref = attention(q.double(), k.double(), v.double(), "math")
@@ -141,7 +178,13 @@ def test_gpu_backends_equal_math(backend):
     # flash-attention's rule: at most 2x the error of the plain expression in bf16
     assert (out - ref).abs().max() <= 2 * (low - ref).abs().max() + 1e-3
     seqs = Seqs([(4, 197), (10, 37)])
-    qkv = torch.randn(seqs.total, 3 * 384, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(seqs.total, 3 * 384, device="cuda", dtype=torch.bfloat16,
+                      requires_grad=True)
+    w = torch.randn(seqs.total, 384, device="cuda", dtype=torch.float64)
     packed = packed_attention(qkv, seqs, 6, backend).double()
-    reference = packed_attention(qkv.double(), seqs, 6, "math")
+    qkv64 = qkv.detach().double().requires_grad_(True)
+    reference = packed_attention(qkv64, seqs, 6, "math")
     assert (packed - reference).abs().max() < 2e-2
+    (grad,) = torch.autograd.grad((packed * w).sum(), qkv)
+    (grad64,) = torch.autograd.grad((reference * w).sum(), qkv64)
+    assert (grad.double() - grad64).abs().max() <= 2e-2 * grad64.abs().max()

@@ -154,3 +154,25 @@ def test_trainer_step_with_selective_checkpointing_in_bf16(tmp_path, impl):
     assert loss_b == pytest.approx(loss_a, rel=1e-6) and len(grads_a) == len(grads_b) > 10
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-5)
+
+
+def test_selective_policy_keeps_every_attention_kernel_and_matmul():
+    """The GPU's attention ops (never run on the CPU) are kept, not recomputed; the
+    elementwise work is recomputed."""
+    import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from ibot_fast.models.vit import _keep_matmuls_and_attention as policy
+
+    ops = torch.ops
+    kept = [ops.aten._scaled_dot_product_flash_attention.default,
+            ops.aten._scaled_dot_product_efficient_attention.default,
+            ops.aten._scaled_dot_product_cudnn_attention.default,
+            ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+            ops.torch_attn._varlen_attn.default,
+            ops.aten.mm.default, ops.aten.addmm.default, ops.aten.bmm.default]
+    recomputed = [ops.aten.native_layer_norm.default, ops.aten.gelu.default,
+                  ops.aten._to_copy.default, ops.aten.add.Tensor, ops.aten.index_add.default,
+                  ops.aten._softmax.default]
+    assert all(policy(None, op) == CheckpointPolicy.MUST_SAVE for op in kept)
+    assert all(policy(None, op) == CheckpointPolicy.PREFER_RECOMPUTE for op in recomputed)

@@ -4,6 +4,10 @@
     sdpa      torch.nn.functional.scaled_dot_product_attention (flash / cuDNN /
               memory-efficient kernels on a GPU, chosen by PyTorch; math on the CPU)
     xformers  xformers.ops.memory_efficient_attention (optional; CUDA only)
+    varlen    packed sequences: one flash-attention call over all of them with their
+              cumulative lengths (torch.nn.attention.varlen.varlen_attn, torch >= 2.10,
+              CUDA only), so no per-group split and no `cat`; dense calls: sdpa. Chosen
+              by name only (`auto` does not measure packed attention)
     auto      CPU: sdpa. GPU: each available backend is timed once at start-up on a
               forward + backward of ViT-sized attention (`measure_backends`), the fastest
               is kept, and the choice and the timings are logged.
@@ -12,6 +16,7 @@ Packed sequences (`Seqs`): the student's global crops (197 tokens each at 224 px
 local crops (37 tokens at 96 px) travel as one [T, dim] tensor through the LayerNorms,
 linear layers and MLPs, and attention is restricted to each image's own tokens:
 - xformers: one call with a block-diagonal mask (`BlockDiagonalMask.from_seqlens`);
+- varlen: one call over all sequences (`cu_seqlens` from `Seqs`, built once per pass);
 - sdpa / math: one dense call per group of equal-length sequences (a view of the packed
   tensor, no mask, no padding): block-diagonal by construction.
 """
@@ -24,9 +29,11 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
+from ibot_fast import UserError
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("math", "sdpa", "xformers")
+BACKENDS = ("math", "sdpa", "xformers", "varlen")
 
 
 class Seqs:
@@ -46,6 +53,17 @@ class Seqs:
 
     def seqlens(self):
         return [length for n, length in self.groups for _ in range(n)]
+
+    def cu_seqlens(self, device) -> torch.Tensor:
+        """int32 [sequences + 1]: where each sequence starts in the packed tensor, then T.
+        Built once per device and kept (every block of a pass uses the same)."""
+        cache = self.__dict__.setdefault("_cu", {})
+        key = str(device)
+        if key not in cache:
+            lengths = torch.tensor(self.seqlens(), dtype=torch.int32)
+            cache[key] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0, dtype=torch.int32)]
+                                   ).to(device)
+        return cache[key]
 
     def per_token(self, per_sequence: torch.Tensor) -> torch.Tensor:
         """Expand one value per sequence (in packed order) to one per token."""
@@ -91,7 +109,8 @@ def xformers_attention(q, k, v):
     return out.transpose(1, 2)
 
 
-_FUNCTIONS = {"math": math_attention, "sdpa": sdpa_attention, "xformers": xformers_attention}
+_FUNCTIONS = {"math": math_attention, "sdpa": sdpa_attention, "xformers": xformers_attention,
+              "varlen": sdpa_attention}
 
 
 def attention(q, k, v, backend: str = "math"):
@@ -121,6 +140,13 @@ def packed_attention(qkv: torch.Tensor, seqs: Seqs, heads: int, backend: str) ->
         q, k, v = qkv.view(1, T, 3, heads, head_dim).unbind(2)
         bias = BlockDiagonalMask.from_seqlens(seqs.seqlens())
         return xops.memory_efficient_attention(q, k, v, attn_bias=bias).reshape(T, dim)
+    if backend == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        q, k, v = qkv.view(T, 3, heads, head_dim).unbind(1)  # [T, heads, head_dim] each
+        cu = seqs.cu_seqlens(qkv.device)
+        longest = max(length for _, length in seqs.groups)
+        return varlen_attn(q, k, v, cu, cu, longest, longest).reshape(T, dim)
     outs = []
     for group in seqs.split(qkv):
         n, length = group.shape[:2]
@@ -157,6 +183,17 @@ def xformers_available() -> bool:
     return xformers_status()[0]
 
 
+def varlen_status(device: torch.device) -> tuple:
+    """(usable, why not) of the varlen backend on this device."""
+    if device.type != "cuda":
+        return False, "torch's varlen_attn runs on CUDA GPUs only"
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except Exception as e:
+        return False, f"torch {torch.__version__} has no torch.nn.attention.varlen ({e})"
+    return True, ""
+
+
 def measure_backends(device: torch.device, heads: int, head_dim: int, candidates,
                      n_seqs: int = 64, seq_len: int = 197, reps: int = 5) -> dict:
     """Median ms of a bf16 forward + backward per backend on [n_seqs, heads, seq_len, d]."""
@@ -185,8 +222,10 @@ def resolve_backend(name: str, device: torch.device, heads: int = 6,
     if name not in ("auto",) + BACKENDS:
         raise ValueError(f"unknown attention backend '{name}'")
     if name == "xformers" and not (device.type == "cuda" and xformers_available()):
-        raise RuntimeError(f"attention=xformers needs a CUDA GPU and a working xformers: "
+        raise UserError(f"attention=xformers needs a CUDA GPU and a working xformers: "
                            f"{xformers_status()[1]}")
+    if name == "varlen" and not varlen_status(device)[0]:
+        raise UserError(f"attention=varlen: {varlen_status(device)[1]}; use sdpa")
     if name != "auto":
         log.info("attention backend: %s (configured)", name)
         return name

@@ -63,11 +63,12 @@ _SAVED_OPS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "linear"}
 def _keep_matmuls_and_attention(ctx, op, *args, **kwargs):
     """Selective checkpointing policy: keep what is expensive to recompute (matmuls, and
     attention kernels of any backend: SDPA's flash / efficient / cuDNN / CPU ones,
-    xformers' ops), recompute the rest."""
+    xformers' ops, torch's varlen_attn), recompute the rest."""
     name = op.name() if hasattr(op, "name") else str(op)
     namespace, _, rest = name.partition("::")
     base = rest.split(".")[0]
-    if base in _SAVED_OPS or "attention" in base or namespace.startswith("xformers"):
+    if base in _SAVED_OPS or "attention" in base or "attn" in base or \
+            namespace.startswith(("xformers", "torch_attn")):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
