@@ -11,8 +11,9 @@ the fast path against the reference path (official semantics, eager), in one run
 Each configuration builds a `Trainer` and times `train_step` on device-resident synthetic
 crops (2 x 224 + 10 x 96 by default) with masks from the configured sampler, so the model
 step is measured, not the data path (`--with-data` feeds batches from the configured
-pipeline instead: synthetic images decoded and augmented by DALI or the CPU workers,
-enough of them for the whole run, so no epoch restarts inside the timing). After
+pipeline instead: synthetic JPEGs on disk (bench_data's, 500 x 375), decoded and augmented
+by DALI or the CPU workers, enough of them for the whole run, so no epoch restarts inside
+the timing). After
 warm-up, every step is timed with CUDA events (median and 20/80 quantiles); peak memory is
 read over the timed steps; a few more steps run with every named phase of
 ibot_fast.train timed by CUDA events (ibot_fast.phases: data, teacher, student, loss,
@@ -136,6 +137,14 @@ def phase_breakdown(trainer, batch, device, steps: int = 5) -> dict:
     return out
 
 
+def jpeg_folder(n: int, size) -> str:
+    """A folder of n synthetic (width, height) JPEGs (bench_data's, made once under /tmp)
+    for --with-data."""
+    from benchmarks.bench_data import synthetic_folder
+
+    return str(synthetic_folder(n, size))
+
+
 def epochs(loader, first: int = 1):
     """The loader's batches, epoch after epoch (set_epoch before each), without end."""
     epoch = first
@@ -194,14 +203,18 @@ def configs(args):
     """(label, overrides) for every model x impl to measure."""
     workers = args.workers if args.with_data else 0
     base = [f"data.n_local={args.n_local}", "data.source=synthetic",
-            f"data.num_workers={workers}", f"data.pipeline={args.pipeline}",
+            f"data.num_workers={workers}",
+            f"data.pipeline={args.pipeline if args.with_data else 'cpu'}",
             "train.output_dir=/tmp/ibot_fast_bench", "train.log_every=1000000",
             f"masks.sampler={args.sampler}", f"train.precision={args.precision}"]
     for model in args.models:
         batch = args.batch or (64 if model == "vit_large" else 128)
-        images = batch * (args.steps + args.warmup + 2) if args.with_data else batch
         common = base + [f"model.arch={model}", f"train.batch_size={batch}",
-                         f"data.synthetic_size={images}"]
+                         f"data.synthetic_size={batch}"]
+        if args.with_data:  # JPEGs on disk, as a real dataset (DALI decodes them on the GPU)
+            images = batch * (args.steps + args.warmup + 2)
+            common += ["data.source=folder",
+                       f"data.path={jpeg_folder(images, (64, 48) if args.smoke else (500, 375))}"]
         if args.smoke:
             common += ["data.global_size=32", "data.local_size=16", "model.patch_size=4",
                        "model.out_dim=512", "model.patch_out_dim=512",

@@ -125,9 +125,9 @@ PY
     done ;;
   memory) step "peak memory counted op by op vs the allocator's (bench_memory)"
     bench 150 bench_memory --models vit_small,vit_base --batch 8,16 ;;
-  train_data) step "full step fed by DALI (synthetic JPEG-free images, GPU augmentation)"
+  train_data) step "full step fed by DALI (synthetic JPEGs decoded and augmented on the GPU)"
     bench 240 bench_train --impls fast --with-data --pipeline dali --workers 16 --no-phases \
-      --results-name train ;;
+      --results-name train_data ;;
   train_large) step "full step: ViT-L/16, batch 64"
     bench 150 bench_train --models vit_large --batch 64 --results-name train ;;
   trace) step "full step: the kernels with the most device time (ViT-B/16)"

@@ -52,6 +52,7 @@ def main(argv=None):
             ("masked_head", ["model", "variant", "center2", "ms", "speedup", "mem_ratio"]),
             ("attention", ["model", "bench", "variant", "backend", "packed", "ms", "img_per_s"]),
             ("data", ["pipeline", "workers", "img_per_s"]),
+            ("train_data", ["model", "impl", "batch", "img_per_s", "step_ms", "peak_alloc_mib"]),
             ("memory", ["model", "path", "persistent_mib", "step_mib_per_img",
                         "peak_mib_at_128", "step_peak_mib", "allocator_step_peak_mib"])):
         rows = latest_run(results / f"{name}.jsonl", args.device)

@@ -118,7 +118,8 @@ class Trainer:
         cfg = self.cfg
         arch = ARCHS[cfg.model.arch]
         backend = resolve_backend(cfg.model.attention, self.device, arch["heads"],
-                                  arch["dim"] // arch["heads"])
+                                  arch["dim"] // arch["heads"], packed=cfg.model.pack_crops,
+                                  low_precision=self.precision in ("bf16", "fp16"))
         torch.manual_seed(cfg.train.seed)  # same initial weights on every process
         student, teacher = build_student_teacher(cfg, backend)
         self.student_module = student.to(self.device)

@@ -85,8 +85,7 @@ def test_varlen_packed_attention_plumbing(monkeypatch):
     """The varlen backend hands torch's varlen_attn the packed q, k, v and the cumulative
     lengths it expects, and reshapes its output back: with a CPU stand-in for the CUDA
     kernel, outputs and gradients equal the math backend's."""
-    import torch.nn.attention.varlen as varlen_module
-
+    varlen_module = pytest.importorskip("torch.nn.attention.varlen")
     monkeypatch.setattr(varlen_module, "varlen_attn", _varlen_on_cpu)
     torch.manual_seed(0)
     seqs = Seqs([(2, 7), (3, 4)])
@@ -99,6 +98,83 @@ def test_varlen_packed_attention_plumbing(monkeypatch):
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(grad, grad_ref)
     assert seqs.cu_seqlens("cpu").tolist() == [0, 7, 14, 18, 22, 26]
+
+
+@pytest.fixture
+def cpu_flash_kernels():
+    """CPU kernels for aten's flash-attention ops, which torch's varlen_attn calls (CUDA
+    only): the real `torch_attn::_varlen_attn` custom op, its autograd and checkpointing
+    then run on the CPU. Exact per-sequence attention in fp64; counts the calls."""
+    calls = {"fwd": 0, "bwd": 0}
+
+    def segments(cu, *tensors):
+        bounds = cu.tolist()
+        for a, b in zip(bounds, bounds[1:]):
+            yield a, b, [x[a:b].transpose(0, 1).double() for x in tensors]  # [heads, n, d]
+
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, *, scale=None,
+                **unused):
+        assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and not causal
+        assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+        assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        calls["fwd"] += 1
+        scale = scale or q.shape[-1] ** -0.5
+        out, lse = torch.empty_like(q), torch.empty(q.shape[1], q.shape[0])
+        for a, b, (qs, ks, vs) in segments(cu_q, q, k, v):
+            scores = qs @ ks.transpose(-1, -2) * scale
+            lse[:, a:b] = torch.logsumexp(scores, -1).float()
+            out[a:b] = (scores.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
+        return out, lse, torch.zeros(2, dtype=torch.uint64), torch.empty(0), torch.empty(0)
+
+    def backward(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout, causal, rng,
+                 unused, *, scale=None, **more):
+        calls["bwd"] += 1
+        scale = scale or q.shape[-1] ** -0.5
+        dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+        for a, b, (qs, ks, vs, gs) in segments(cu_q, q, k, v, grad):
+            p = (qs @ ks.transpose(-1, -2) * scale).softmax(-1)
+            dp = gs @ vs.transpose(-1, -2)
+            ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+            dv[a:b] = (p.transpose(-1, -2) @ gs).transpose(0, 1).to(v.dtype)
+            dq[a:b] = (ds @ ks).transpose(0, 1).to(q.dtype)
+            dk[a:b] = (ds.transpose(-1, -2) @ qs).transpose(0, 1).to(k.dtype)
+        return dq, dk, dv
+
+    pytest.importorskip("torch.nn.attention.varlen")
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("_flash_attention_forward", forward, "CPU")
+    lib.impl("_flash_attention_backward", backward, "CPU")
+    yield calls
+    lib._destroy()
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_varlen_backend_through_torch_op(cpu_flash_kernels, mode):
+    """The packed student with model.attention=varlen, through torch's own varlen op and
+    its autograd (CPU flash kernels from the fixture): outputs and gradients equal the
+    math backend's; selective checkpointing keeps the attention outputs (no rerun), full
+    reruns them."""
+    outs = {}
+    for backend in ("math", "varlen"):
+        torch.manual_seed(0)
+        model = vit("vit_demo", 32, 4, drop_path_rate=0.2, attention_backend=backend,
+                    pack_crops=True, efficient_drop_path=True,
+                    activation_checkpointing=mode).double()
+        gen = torch.Generator().manual_seed(1)
+        g = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=gen)
+        loc = torch.randn(4, 3, 16, 16, dtype=torch.float64, generator=gen)
+        torch.manual_seed(3)
+        tg, tl = model.forward_crops(g, torch.rand(2, 64) < 0.3, loc)
+        forwards = cpu_flash_kernels["fwd"]
+        grads = torch.autograd.grad(tg.square().sum() + tl.sum(), list(model.parameters()))
+        outs[backend] = (tg, tl, grads, forwards, cpu_flash_kernels["fwd"] - forwards)
+    (tg, tl, grads, _, _), (tg_v, tl_v, grads_v, fwd_calls, rerun) = outs["math"], outs["varlen"]
+    torch.testing.assert_close(tg_v, tg)
+    torch.testing.assert_close(tl_v, tl)
+    for a, b in zip(grads, grads_v):
+        torch.testing.assert_close(b, a)
+    assert fwd_calls == 4 and cpu_flash_kernels["bwd"] == 4  # one call per block, each way
+    assert rerun == (4 if mode == "full" else 0)
 
 
 def test_efficient_drop_path_matches_in_expectation():
@@ -161,6 +237,10 @@ def test_auto_backend_on_cpu_is_sdpa():
         resolve_backend("xformers", torch.device("cpu"))
     with pytest.raises(UserError, match="varlen"):
         resolve_backend("varlen", torch.device("cpu"))
+    with pytest.raises(UserError, match="pack_crops"):
+        resolve_backend("varlen", torch.device("cuda"), packed=False)
+    with pytest.raises(UserError, match="bf16 or fp16"):
+        resolve_backend("varlen", torch.device("cuda"), low_precision=False)
 
 
 @pytest.mark.gpu

@@ -30,8 +30,9 @@ def test_bench_train_smoke_both_paths(results):
 
 @pytest.mark.parametrize("pipeline", ["cpu", "dali"])
 def test_bench_train_smoke_with_data(results, pipeline):
-    """--with-data feeds the step from the pipeline (synthetic images, decoded and
-    augmented) for more steps than one epoch of batches would hold: no StopIteration."""
+    """--with-data feeds every warm-up and timed step from the pipeline (synthetic JPEGs
+    on disk, decoded and augmented); it used to stop at the second step (a one-batch
+    source). Epoch cycling itself: test_epochs_cycles_the_loader."""
     if pipeline == "dali":
         pytest.importorskip("nvidia.dali")
     assert bench_train.main(["--smoke", "--no-phases", "--with-data", "--workers", "0",

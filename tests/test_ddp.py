@@ -20,6 +20,7 @@ COMMON = ["data.source=synthetic", "data.synthetic_size=32", "data.num_workers=0
 
 @pytest.mark.parametrize("impl,extra", [
     ("reference", []),
+    ("fast", []),
     ("fast", ["model.activation_checkpointing=selective"]),  # DDP with checkpointed blocks
 ])
 def test_two_processes_match_one(tmp_path, impl, extra):

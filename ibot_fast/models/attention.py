@@ -16,7 +16,7 @@ Packed sequences (`Seqs`): the student's global crops (197 tokens each at 224 px
 local crops (37 tokens at 96 px) travel as one [T, dim] tensor through the LayerNorms,
 linear layers and MLPs, and attention is restricted to each image's own tokens:
 - xformers: one call with a block-diagonal mask (`BlockDiagonalMask.from_seqlens`);
-- varlen: one call over all sequences (`cu_seqlens` from `Seqs`, built once per pass);
+- varlen: one call over all sequences (`cu_seqlens` from `Seqs`, made on the device);
 - sdpa / math: one dense call per group of equal-length sequences (a view of the packed
   tensor, no mask, no padding): block-diagonal by construction.
 """
@@ -56,20 +56,25 @@ class Seqs:
 
     def cu_seqlens(self, device) -> torch.Tensor:
         """int32 [sequences + 1]: where each sequence starts in the packed tensor, then T.
-        Built once per device and kept (every block of a pass uses the same)."""
-        cache = self.__dict__.setdefault("_cu", {})
-        key = str(device)
-        if key not in cache:
-            lengths = torch.tensor(self.seqlens(), dtype=torch.int32)
-            cache[key] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0, dtype=torch.int32)]
-                                   ).to(device)
-        return cache[key]
+        Made on the device (aranges, no copy from the host: no sync inside the step), and
+        not cached (a cache filled inside a checkpointed block breaks torch.compile's
+        graph); a few tiny kernels per call."""
+        starts, start = [], 0
+        for n, length in self.groups:
+            starts.append(torch.arange(start, start + n * length, length, dtype=torch.int32,
+                                       device=device))
+            start += n * length
+        starts.append(torch.full((1,), start, dtype=torch.int32, device=device))
+        return torch.cat(starts)
 
     def per_token(self, per_sequence: torch.Tensor) -> torch.Tensor:
-        """Expand one value per sequence (in packed order) to one per token."""
-        lengths = torch.tensor([length for n, length in self.groups for _ in range(n)],
-                               device=per_sequence.device)
-        return per_sequence.repeat_interleave(lengths, dim=0)
+        """Expand one value per sequence (in packed order) to one per token; constant
+        repeats per group, so nothing is copied from the host (no sync)."""
+        parts, start = [], 0
+        for n, length in self.groups:
+            parts.append(per_sequence[start:start + n].repeat_interleave(length, dim=0))
+            start += n
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def sample(self, keep: float, device):
         """A random subset of round(count * keep) sequences per group (at least one).
@@ -184,14 +189,27 @@ def xformers_available() -> bool:
 
 
 def varlen_status(device: torch.device) -> tuple:
-    """(usable, why not) of the varlen backend on this device."""
+    """(usable, why not) of the varlen backend on this device: importable *and* able to run
+    (one tiny bf16 call: flash attention needs compute capability 8.0 or more)."""
     if device.type != "cuda":
         return False, "torch's varlen_attn runs on CUDA GPUs only"
+    return _varlen_probe(str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_probe(device: str) -> tuple:
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except Exception as e:
         return False, f"torch {torch.__version__} has no torch.nn.attention.varlen ({e})"
-    return True, ""
+    try:
+        q = torch.zeros(4, 1, 64, device=device, dtype=torch.bfloat16)
+        cu = torch.tensor([0, 4], device=device, dtype=torch.int32)
+        varlen_attn(q, q, q, cu, cu, 4, 4)
+        return True, ""
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return False, f"varlen_attn cannot run on this GPU/torch ({first})"
 
 
 def measure_backends(device: torch.device, heads: int, head_dim: int, candidates,
@@ -217,15 +235,22 @@ def measure_backends(device: torch.device, heads: int, head_dim: int, candidates
 
 
 def resolve_backend(name: str, device: torch.device, heads: int = 6,
-                    head_dim: int = 64) -> str:
+                    head_dim: int = 64, packed: bool = True, low_precision: bool = True) -> str:
     """Turn 'auto' into a concrete backend for this device, and log the choice and why."""
     if name not in ("auto",) + BACKENDS:
         raise ValueError(f"unknown attention backend '{name}'")
     if name == "xformers" and not (device.type == "cuda" and xformers_available()):
         raise UserError(f"attention=xformers needs a CUDA GPU and a working xformers: "
-                           f"{xformers_status()[1]}")
-    if name == "varlen" and not varlen_status(device)[0]:
-        raise UserError(f"attention=varlen: {varlen_status(device)[1]}; use sdpa")
+                        f"{xformers_status()[1]}")
+    if name == "varlen":
+        if not packed:
+            raise UserError("attention=varlen works on packed crops: set model.pack_crops=true "
+                            "(or use sdpa)")
+        if not low_precision:
+            raise UserError("attention=varlen (flash attention) needs bf16 or fp16: set "
+                            "train.precision, or use sdpa")
+        if not varlen_status(device)[0]:
+            raise UserError(f"attention=varlen: {varlen_status(device)[1]}; use sdpa")
     if name != "auto":
         log.info("attention backend: %s (configured)", name)
         return name
