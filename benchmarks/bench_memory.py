@@ -31,7 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from benchmarks.bench_train import synthetic_batch
+from benchmarks.bench_train import SMOKE_MODEL, synthetic_batch
 from benchmarks.common import env_info, print_table, record
 
 
@@ -201,9 +201,7 @@ def _overrides(args, model, label, batch, device):
                  f"train.precision={args.precision}", "train.log_every=1000000",
                  "train.output_dir=/tmp/ibot_fast_bench", f"train.device={device.type}"]
     if args.smoke:
-        overrides += ["data.global_size=32", "data.local_size=16", "model.patch_size=4",
-                      "model.out_dim=512", "model.patch_out_dim=512",
-                      "model.head_hidden_dim=256", "model.head_bottleneck_dim=64"]
+        overrides += SMOKE_MODEL
     return overrides + PATHS[label] + (FAST if label.startswith("fast") else [])
 
 

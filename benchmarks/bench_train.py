@@ -40,6 +40,10 @@ from benchmarks.common import (env_info, measure_ceilings, peak_bf16_tflops, pea
                                peak_memory_reset, print_table, quantiles, record, time_ms)
 
 PHASES = ("data", "teacher", "student", "head", "loss", "backward", "optimizer", "ema")
+# --smoke: a tiny model on 32 px crops (also bench_memory's)
+SMOKE_MODEL = ["data.global_size=32", "data.local_size=16", "model.patch_size=4",
+               "model.out_dim=512", "model.patch_out_dim=512", "model.head_hidden_dim=256",
+               "model.head_bottleneck_dim=64"]
 
 
 # -- FLOPs -----------------------------------------------------------------------------
@@ -216,9 +220,7 @@ def configs(args):
             common += ["data.source=folder",
                        f"data.path={jpeg_folder(images, (64, 48) if args.smoke else (500, 375))}"]
         if args.smoke:
-            common += ["data.global_size=32", "data.local_size=16", "model.patch_size=4",
-                       "model.out_dim=512", "model.patch_out_dim=512",
-                       "model.head_hidden_dim=256", "model.head_bottleneck_dim=64"]
+            common += SMOKE_MODEL
         for impl in args.impls:
             extra = [f"train.impl={impl}"]
             if impl == "fast":

@@ -593,7 +593,7 @@ def _ce_blocks(K: int, dtype: torch.dtype, device: torch.device, backward: bool 
         block_k = min(next_power_of_2(K), 1024)
         block_r = max(1, 4096 // block_k)
         return block_r, block_k, num_warps_for(block_r * block_k // 2)
-    lane_cols = 16 // torch.empty((), dtype=dtype).element_size()
+    lane_cols = 16 // dtype.itemsize
     return 16, min(next_power_of_2(K), 32 * lane_cols), 4
 
 
