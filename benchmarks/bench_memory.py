@@ -125,6 +125,7 @@ PATHS = {
     "reference (sdpa)": ["train.impl=reference", "model.attention=sdpa"],
     "fast": ["train.impl=fast"],
     "fast selective": ["train.impl=fast", "model.activation_checkpointing=selective"],
+    "fast selective_mlp": ["train.impl=fast", "model.activation_checkpointing=selective_mlp"],
     "fast full": ["train.impl=fast", "model.activation_checkpointing=full"],
 }
 FAST = ["model.pack_crops=true", "model.efficient_drop_path=true", "loss.center2_from=masked",

@@ -24,6 +24,8 @@ FLOPs per image (`step_flops`) count matmul work, 2 FLOPs per multiply-add: the 
 forward + backward (x3) on every crop, the teacher's forward on the global crops, and the
 heads on the rows each path actually runs them on (reference: every token of every crop;
 fast: CLS + masked rows, the teacher MLP on all patch tokens when center2_from=all).
+They are model FLOPs: what activation checkpointing recomputes is not counted (its cost
+shows as fewer images/sec at the same FLOPs per image, so a lower MFU).
 MFU = achieved FLOP/s / the device's dense bf16 peak (benchmarks.common.PEAK_BF16_TFLOPS);
 an unknown device prints no MFU. The fast path does fewer FLOPs per image than the
 reference: compare images/sec for speed, MFU for how well each uses the device.
@@ -35,6 +37,8 @@ import time
 import traceback
 
 import torch
+
+from ibot_fast.models.vit import CHECKPOINTING
 
 from benchmarks.common import (env_info, measure_ceilings, peak_bf16_tflops, peak_memory_mib,
                                peak_memory_reset, print_table, quantiles, record, time_ms)
@@ -254,7 +258,7 @@ def get_args_parser():
     p.add_argument("--fused-last-layer", default="false")
     p.add_argument("--fuse-ema", default="false")
     p.add_argument("--efficient-drop-path", default="true")
-    p.add_argument("--checkpointing", default="none", choices=("none", "selective", "full"),
+    p.add_argument("--checkpointing", default="none", choices=CHECKPOINTING,
                    help="fast path: model.activation_checkpointing")
     p.add_argument("--reference-math", action="store_true",
                    help="reference path with the math attention (the official code's)")

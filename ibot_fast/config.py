@@ -28,7 +28,7 @@ class ModelConfig:
     efficient_drop_path: bool = False  # skip the dropped samples' residual branch (DINOv2)
     attention: str = "auto"  # auto | xformers | sdpa | math | varlen (models/attention.py)
     pack_crops: bool = False  # student: global + local crops in one packed pass
-    activation_checkpointing: str = "none"  # none | selective | full (student; models/vit.py)
+    activation_checkpointing: str = "none"  # none|selective|selective_mlp|full (models/vit.py)
     out_dim: int = 8192  # K: prototypes of the CLS head (last_layer)
     patch_out_dim: int = 8192  # K2: prototypes of the patch head (last_layer2)
     shared_head: bool = True  # last_layer2 is last_layer (student and teacher)
@@ -272,7 +272,7 @@ def build_config(preset: str = None, overrides=()) -> Config:
 _CHOICES = {
     "model.arch": ("vit_demo", "vit_small", "vit_base", "vit_large"),
     "model.attention": ("auto", "xformers", "sdpa", "math", "varlen"),
-    "model.activation_checkpointing": ("none", "selective", "full"),
+    "model.activation_checkpointing": ("none", "selective", "selective_mlp", "full"),
     "data.source": ("digits", "folder", "webdataset", "synthetic"),
     "data.pipeline": ("cpu", "dali", "auto"),
     "masks.sampler": ("iid", "stratified"),

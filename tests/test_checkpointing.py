@@ -3,7 +3,10 @@ bytes kept for the backward, and (selective) no matmul recomputed."""
 import pytest
 import torch
 
-from ibot_fast.models.vit import run_block, vit
+from ibot_fast.models.attention import Seqs
+from ibot_fast.models.vit import CHECKPOINTING, AddRows, Block, run_block, vit
+
+MODES = [m for m in CHECKPOINTING if m != "none"]
 
 
 def _model(mode, backend="sdpa", pack=False, efficient=False, dtype=torch.float64):
@@ -35,7 +38,7 @@ def _run(model, seed=7):
     return tg.detach(), tl.detach(), grads
 
 
-@pytest.mark.parametrize("mode", ["selective", "full"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend,pack,efficient", [
     ("sdpa", False, False), ("math", False, False), ("sdpa", True, False),
     ("sdpa", False, True), ("math", True, True)])
@@ -66,15 +69,72 @@ def _matmuls(model, op_counter):
     return count(fwd), count(bwd)
 
 
-def test_selective_recomputes_no_matmul_and_full_recomputes_them_all(op_counter):
-    none_f, none_b = _matmuls(_model("none", "math", dtype=torch.float32), op_counter)
-    sel_f, sel_b = _matmuls(_model("selective", "math", dtype=torch.float32), op_counter)
-    full_f, full_b = _matmuls(_model("full", "math", dtype=torch.float32), op_counter)
-    assert none_f == sel_f == full_f > 0
-    assert sel_b == none_b  # every matmul output came from the forward's cache
-    # full reruns the blocks' forward matmuls (torch stops each rerun early once the
-    # tensors the backward needs exist again, so a few trailing ones may be skipped)
-    assert none_b + none_f // 2 < full_b <= none_b + none_f
+@pytest.mark.parametrize("pack", [False, True])
+def test_which_matmuls_each_mode_recomputes(op_counter, pack):
+    """selective: none; selective_mlp: each block's fc1 once; full: all but fc2 (the
+    region ends at fc2's output, which the backward never reads). Math attention: two
+    matmuls per sequence group, four linear layers, per block and pass."""
+    counts = {m: _matmuls(_model(m, "math", pack, dtype=torch.float32), op_counter)
+              for m in CHECKPOINTING}
+    none_f, none_b = counts["none"]
+    assert all(f == none_f for f, _ in counts.values())
+    block_passes = 4 if pack else 8  # 4 blocks x (1 pass packed, 2 unpacked)
+    assert none_f == block_passes * 4 + 4 * 2 * 2  # (2 groups packed, 1 group x 2 passes)
+    assert counts["selective"][1] == none_b
+    assert counts["selective_mlp"][1] == none_b + block_passes
+    assert counts["full"][1] == none_b + none_f - block_passes
+
+
+def _kept_per_token(mode, efficient, pack):
+    """Bytes a ViT-S-wide block keeps for its backward per token, in units of dim x 2
+    bytes (bf16 autocast, its input included), counted storage by storage."""
+    from benchmarks.bench_memory import LiveBytes
+
+    torch.manual_seed(0)
+    block = Block(384, 6, drop_path=0.1, backend="sdpa", efficient_drop_path=efficient)
+    seqs = Seqs([(10, 197), (20, 37)]) if pack else None  # 9 and 18 drawn: 90%
+    shape = (seqs.total, 384) if pack else (30, 50, 384)
+    # the outer cast cache off: weight casts kept for the whole autocast region are not
+    # activations
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with LiveBytes() as live:
+            x = torch.randn(shape, dtype=torch.bfloat16, requires_grad=True)
+            y = run_block(block, x, seqs, mode)
+            del x
+        kept = live.now - y.untyped_storage().nbytes()
+    y.float().sum().backward()
+    return kept / y.numel() / 2
+
+
+@pytest.mark.parametrize("efficient,pack", [(False, False), (True, True)])
+def test_bytes_each_mode_keeps_per_token(efficient, pack):
+    """The module docstring's table: selective 10 (input 1, qkv 3, attention 1, proj 1,
+    fc1 4), selective_mlp 6, full 1; with efficient drop path the branches run on 90% of
+    the samples. Neither fc2's output nor (efficient) the residual branch scattered by
+    index_add is kept."""
+    kept = {m: _kept_per_token(m, efficient, pack) for m in CHECKPOINTING}
+    branch = 0.9 if efficient else 1.0
+    assert kept["full"] == pytest.approx(1.0, abs=0.05)
+    assert kept["selective"] == pytest.approx(1 + 9 * branch, abs=0.1)
+    assert kept["selective_mlp"] == pytest.approx(1 + 5 * branch, abs=0.1)
+    assert kept["none"] > 14  # (its linear layers also keep their weights' bf16 copies)
+
+
+@pytest.mark.parametrize("scale", [1.25, "rows"])
+def test_add_rows_gradients_and_what_it_keeps(scale):
+    """AddRows equals index_add (values and gradients, fp64) and keeps the rows and the
+    scale only, not the added tensor."""
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    out = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([5, 0, 2, 6])
+    s = 1.25 if scale != "rows" else torch.rand(4, dtype=torch.float64) + 0.5
+    ref = torch.index_add(x, 0, rows, out, alpha=s) if isinstance(s, float) else \
+        torch.index_add(x, 0, rows, out * s[:, None])
+    got = AddRows.apply(x, out, rows, s)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda a, b: AddRows.apply(a, b, rows, s), (x, out))
+    saved = {t.data_ptr() for t in got.grad_fn.saved_tensors}
+    assert out.data_ptr() not in saved and rows.data_ptr() in saved
 
 
 def test_checkpointing_modes_are_validated():
@@ -98,7 +158,7 @@ def test_compiled_selective_checkpointing_equals_eager():
         return net
 
     eager = _run(model("none"))
-    compiled = model("selective")
+    compiled = model("selective_mlp")  # its policy matches fc1 / fc2 by traced shapes
     compiled.forward_crops = torch.compile(compiled.forward_crops)
     out = _run(compiled)
     for a, b in zip(eager[:2], out[:2]):
@@ -107,7 +167,7 @@ def test_compiled_selective_checkpointing_equals_eager():
         assert (b - a).norm() <= 1e-4 * a.norm() + 1e-8
 
 
-@pytest.mark.parametrize("mode", ["selective", "full"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pack", [False, True])
 def test_checkpointing_under_bf16_autocast(mode, pack):
     """The trainer's setting: bf16 autocast, the blocks run twice in one autocast region
@@ -130,19 +190,19 @@ def test_checkpointing_under_bf16_autocast(mode, pack):
         torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_trainer_step_with_selective_checkpointing_in_bf16(tmp_path, impl):
+@pytest.mark.parametrize("impl,mode", [("reference", "selective"), ("fast", "selective_mlp")])
+def test_trainer_step_with_checkpointing_in_bf16(tmp_path, impl, mode):
     """A training step of either path (two passes, bf16 autocast, stochastic depth) with
     selective checkpointing gives the loss and student gradients of one without."""
     from ibot_fast.train import Trainer
     from tests.test_train import tiny_config
 
     results = []
-    for mode in ("none", "selective"):
+    for m in ("none", mode):
         torch.manual_seed(0)
-        trainer = Trainer(tiny_config(tmp_path / mode, "train.precision=bf16",
+        trainer = Trainer(tiny_config(tmp_path / m, "train.precision=bf16",
                                       "train.device=cpu", "optim.freeze_last_layer=0",
-                                      f"model.activation_checkpointing={mode}", impl=impl))
+                                      f"model.activation_checkpointing={m}", impl=impl))
         trainer.loader.set_epoch(0)
         batch = next(iter(trainer.loader))
         torch.manual_seed(1)
@@ -176,3 +236,23 @@ def test_selective_policy_keeps_every_attention_kernel_and_matmul():
                   ops.aten._softmax.default]
     assert all(policy(None, op) == CheckpointPolicy.MUST_SAVE for op in kept)
     assert all(policy(None, op) == CheckpointPolicy.PREFER_RECOMPUTE for op in recomputed)
+
+
+def test_policy_finds_the_mlp_matmuls_by_shape():
+    """fc2 (hidden input rows) is never kept; fc1 (hidden output columns) only by
+    `selective`; the others always. addmm(bias, x, w.t()) and mm(x, w.t()) alike."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from ibot_fast.models.vit import _keep_matmuls_and_attention as policy
+
+    ops, x = torch.ops.aten, torch.empty(5, 8)
+    fc1, fc2, qkv = torch.empty(8, 32), torch.empty(32, 8), torch.empty(8, 24)
+    bias = torch.empty(32)
+    for keep_hidden in (True, False):
+        decide = lambda op, *args: policy(None, op, *args, hidden=32,  # noqa: E731
+                                          keep_hidden=keep_hidden)
+        save = CheckpointPolicy.MUST_SAVE
+        assert (decide(ops.addmm.default, bias, x, fc1) == save) == keep_hidden
+        assert (decide(ops.mm.default, x, fc1) == save) == keep_hidden
+        assert decide(ops.addmm.default, bias[:8], torch.empty(5, 32), fc2) != save
+        assert decide(ops.mm.default, x, qkv) == save

@@ -10,15 +10,24 @@ digits: dim 128, depth 4, 4 heads (0.8 M parameters) with 4 px patches, so a 32 
 global crop is an 8x8 grid and a 16 px local crop 4x4; an epoch of the digits takes
 well under a minute on two CPU cores.
 
-Activation checkpointing (`activation_checkpointing`, the student's memory knob):
-    none       every block keeps what its backward needs (~36 x dim bytes per token in
-               bf16: LayerNorm inputs in fp32, qkv, attention output, MLP activations)
-    selective  each block keeps only the outputs of its matmuls and of attention, plus
-               its input; LayerNorms, GELU, dtype casts, drop path and residual adds are
-               recomputed in the backward (elementwise: cheap). No matmul is recomputed.
-    full       each block keeps only its input and recomputes its whole forward in the
-               backward (about a third more FLOPs; DINOv2's `checkpointing`)
-Random draws (drop path) are replayed exactly, so all three give the same gradients.
+Activation checkpointing (`activation_checkpointing`, the student's memory knob). What
+a block keeps for its backward, per token, in units of dim x 2 bytes (bf16 autocast,
+counted by `tests/test_checkpointing.py`):
+    none           16-18: LayerNorm inputs and outputs, qkv, attention output, the MLP's
+                   hidden layer before and after GELU, casts
+    selective      10: its input, qkv, the attention output, the attention's projection
+                   and the MLP's hidden layer (the outputs of its matmuls and of attention);
+                   LayerNorms, GELU, dtype casts, drop path and residual adds are
+                   recomputed in the backward (elementwise: cheap). No matmul is recomputed
+    selective_mlp  6: as selective, without the MLP's hidden layer (4 x dim, the largest
+                   activation): its first matmul (fc1) runs again in the backward, 1/9 more
+                   student matmul FLOPs
+    full           1: only its input; the whole forward but its last matmul runs again in
+                   the backward (about a third more FLOPs; DINOv2's `checkpointing`)
+The block's last matmul (fc2) is never recomputed nor kept: the checkpointed region ends
+at its output (`Block.up_to_mlp`), and the residual add after it runs outside
+(`Block.add_mlp`). Random draws (drop path) are replayed exactly, so all modes give the
+same gradients.
 """
 import functools
 import math
@@ -31,7 +40,7 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
 
 from .attention import Seqs, attention, packed_attention, split_qkv
 
-CHECKPOINTING = ("none", "selective", "full")
+CHECKPOINTING = ("none", "selective", "selective_mlp", "full")
 
 ARCHS = {
     "vit_demo": dict(dim=128, depth=4, heads=4),
@@ -60,47 +69,64 @@ def drop_path(x: torch.Tensor, p: float, training: bool, seqs: Seqs = None) -> t
 _SAVED_OPS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "linear"}
 
 
-def _keep_matmuls_and_attention(ctx, op, *args, **kwargs):
+def _keep_matmuls_and_attention(ctx, op, *args, hidden: int = None,
+                                keep_hidden: bool = True, **kwargs):
     """Selective checkpointing policy: keep what is expensive to recompute (matmuls, and
     attention kernels of any backend: SDPA's flash / efficient / cuDNN / CPU ones,
-    xformers' ops, torch's varlen_attn), recompute the rest."""
+    xformers' ops, torch's varlen_attn), recompute the rest.
+
+    `hidden` (the MLP's width) picks out the MLP's matmuls by shape (so that it holds when
+    torch.compile traces the policy): the second (fc2, `hidden` input rows) ends the
+    checkpointed region and its output is never read by the backward, so it is not kept
+    (nor recomputed: torch stops recomputing once the backward's inputs exist again); with
+    `keep_hidden=False`, the first (fc1, `hidden` output columns) is recomputed."""
     name = op.name() if hasattr(op, "name") else str(op)
     namespace, _, rest = name.partition("::")
     base = rest.split(".")[0]
+    if hidden is not None and base in ("mm", "addmm"):
+        weight = args[-1]  # [in, out]
+        if weight.shape[-2] == hidden or (not keep_hidden and weight.shape[-1] == hidden):
+            return CheckpointPolicy.PREFER_RECOMPUTE
     if base in _SAVED_OPS or "attention" in base or "attn" in base or \
             namespace.startswith(("xformers", "torch_attn")):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-_selective_contexts = functools.partial(create_selective_checkpoint_contexts,
-                                        _keep_matmuls_and_attention)
+def _selective_contexts(hidden: int, keep_hidden: bool):
+    policy = functools.partial(_keep_matmuls_and_attention, hidden=hidden,
+                               keep_hidden=keep_hidden)
+    return create_selective_checkpoint_contexts(policy)
 
 
-def _without_cast_cache(block: nn.Module, x: torch.Tensor, seqs) -> torch.Tensor:
-    """block(x, seqs) with autocast's weight-cast cache off. Selective checkpointing
+def _without_cast_cache(fn, x: torch.Tensor, seqs):
+    """fn(x, seqs) with autocast's weight-cast cache off. Selective checkpointing
     replays the forward's ops in the backward and must meet the same casts: with the
     cache on, a block run twice in one autocast region (the global then the local crops,
     unpacked) casts its weights only the first time, its recomputation casts them again,
     and torch stops ("_to_copy encountered during backward but not found in storage")."""
     device = x.device.type
     if not torch.is_autocast_enabled(device):
-        return block(x, seqs)
+        return fn(x, seqs)
     with torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False):
-        return block(x, seqs)
+        return fn(x, seqs)
 
 
 def run_block(block: nn.Module, x: torch.Tensor, seqs, mode: str) -> torch.Tensor:
     """block(x, seqs) with the named activation checkpointing (module docstring)."""
+    if mode not in CHECKPOINTING:
+        raise ValueError(f"activation_checkpointing={mode!r} is not one of "
+                         f"{', '.join(CHECKPOINTING)}")
     if mode == "none" or not (block.training and torch.is_grad_enabled()):
         return block(x, seqs)
     if mode == "full":
-        return checkpoint(block, x, seqs, use_reentrant=False)
-    if mode == "selective":
-        return checkpoint(_without_cast_cache, block, x, seqs, use_reentrant=False,
-                          context_fn=_selective_contexts)
-    raise ValueError(f"activation_checkpointing={mode!r} is not one of "
-                     f"{', '.join(CHECKPOINTING)}")
+        parts = checkpoint(block.up_to_mlp, x, seqs, use_reentrant=False)
+    else:
+        contexts = functools.partial(_selective_contexts, block.mlp.fc1.out_features,
+                                     keep_hidden=mode == "selective")
+        parts = checkpoint(_without_cast_cache, block.up_to_mlp, x, seqs, use_reentrant=False,
+                           context_fn=contexts)
+    return block.add_mlp(*parts, seqs)
 
 
 class PatchEmbed(nn.Module):
@@ -158,24 +184,65 @@ class Block(nn.Module):
         self.efficient_drop_path = efficient_drop_path
 
     def forward(self, x, seqs: Seqs = None):
-        attn = lambda y, s: self.attn(self.norm1(y), s)  # noqa: E731
-        mlp = lambda y, s: self.mlp(self.norm2(y))  # noqa: E731
-        if self.training and self.drop_path > 0 and self.efficient_drop_path:
-            x = self._subset_residual(x, attn, seqs)
-            return self._subset_residual(x, mlp, seqs)
-        x = x + drop_path(attn(x, seqs), self.drop_path, self.training, seqs)
-        return x + drop_path(mlp(x, seqs), self.drop_path, self.training, seqs)
+        return self.add_mlp(*self.up_to_mlp(x, seqs), seqs)
 
-    def _subset_residual(self, x, branch, seqs):
+    def up_to_mlp(self, x, seqs: Seqs = None):
+        """The block up to the MLP branch's output, where activation checkpointing ends:
+        (x after the attention's residual add, the MLP branch's output on the rows it ran
+        on, those rows and their scale (efficient drop path; None, None otherwise))."""
+        attn = lambda y, s: self.attn(self.norm1(y), s)  # noqa: E731
+        if not (self.training and self.drop_path > 0 and self.efficient_drop_path):
+            x = x + drop_path(attn(x, seqs), self.drop_path, self.training, seqs)
+            return x, self.mlp(self.norm2(x)), None, None
+        rows, sub, scale = self._subset(x, seqs)
+        x = self._add_rows(x, attn(x[rows], sub), rows, scale)
+        rows, _, scale = self._subset(x, seqs)
+        return x, self.mlp(self.norm2(x[rows])), rows, scale
+
+    def add_mlp(self, x, out, rows, scale, seqs: Seqs = None):
+        """The MLP's residual add (with its drop path): the end of `forward`."""
+        if rows is not None:
+            return self._add_rows(x, out, rows, scale)
+        return x + drop_path(out, self.drop_path, self.training, seqs)
+
+    def _subset(self, x, seqs):
+        """(rows, their Seqs, scale) of DINOv2's stochastic depth: a random subset of
+        round(B (1 - p)) samples; the scale is B / subset (per packed token, or one float)."""
         keep = 1.0 - self.drop_path
         if seqs is None:
             B = x.shape[0]
             k = max(1, int(round(B * keep)))
-            rows = torch.randperm(B, device=x.device)[:k]
-            return torch.index_add(x, 0, rows, branch(x[rows], None), alpha=B / k)
-        rows, sub, scale = seqs.sample(keep, x.device)
-        out = branch(x[rows], sub) * scale[:, None].to(x.dtype)
-        return torch.index_add(x, 0, rows, out)
+            return torch.randperm(B, device=x.device)[:k], None, B / k
+        return seqs.sample(keep, x.device)
+
+    @staticmethod
+    def _add_rows(x, out, rows, scale):
+        return AddRows.apply(x, out, rows, scale)
+
+
+class AddRows(torch.autograd.Function):
+    """x with `out * scale` added to its `rows` (DINOv2's stochastic depth, out of place).
+
+    torch.index_add keeps its whole `source` for the backward: one activation per residual
+    branch and block that nothing else needs. This keeps only the rows and the scale
+    (a float, or one value per row)."""
+
+    @staticmethod
+    def forward(ctx, x, out, rows, scale):
+        if isinstance(scale, float):
+            ctx.scale = scale
+            ctx.save_for_backward(rows)
+            return torch.index_add(x, 0, rows, out, alpha=scale)
+        scale = scale[:, None].to(x.dtype)
+        ctx.scale = None
+        ctx.save_for_backward(rows, scale)
+        return torch.index_add(x, 0, rows, out * scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors  # read once (checkpointing allows one unpack)
+        scale = ctx.scale if ctx.scale is not None else saved[1]
+        return grad, grad.index_select(0, saved[0]) * scale, None, None
 
 
 class VisionTransformer(nn.Module):
