@@ -94,12 +94,11 @@ def specs(ce_tiles=None):
                         _types(centered_ce._centered_ce_combine_kernel, {}),
                         dict(HAS_WEIGHT=True, BLOCK_R=block_r, BLOCK_N=block_n), warps))
     for dtype, ptr in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
-        fwd, bwd = centered_ce._fused_blocks(256, dtype, CUDA)
+        cfg = centered_ce._fused_blocks(256, dtype, CUDA)
         upcast, precision = dtype == torch.float32, "tf32"
-        head = {n: ptr for n in ("fs_ptr", "ws_ptr", "ft_ptr", "wt_ptr")}
-        for kernel, cfg in ((centered_ce._fused_head_ce_fwd_kernel, fwd),
-                            (centered_ce._fused_head_ce_bwd_feat_kernel, bwd),
-                            (centered_ce._fused_head_ce_bwd_weight_kernel, bwd)):
+        head = {n: ptr for n in ("fs_ptr", "ws_ptr", "ft_ptr", "wt_ptr", "ds_ptr")}
+        for kernel in (centered_ce._fused_head_ce_fwd_kernel,
+                       centered_ce._fused_head_ce_dlogits_kernel):
             constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
             constexprs.update(UPCAST=upcast, DOT_PRECISION=precision)
             if "HAS_WEIGHT" in kernel.arg_names:

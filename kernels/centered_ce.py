@@ -45,20 +45,24 @@ rows that enter one loss term only).
 
 Fused last layer (`fused_head_ce`): the head ends in a weight-normalised
 `Linear(D, K, bias=False)`, W = g * v / ||v|| (row norms), applied to L2-normalised
-features F [rows, D]. The logits s = F_s W_s^T and t = F_t W_t^T are computed tile by
-tile on chip ([BLOCK_R, BLOCK_K] tiles from BLOCK_D slices of F and W, tl.dot with fp32
-accumulation) and fed to the same online statistics, flash-attention style: no [rows, K]
-tensor exists in memory, forward or backward. Backward, with
-dS = w (softmax(s/ts) - p) / ts * dloss recomputed tile by tile: dF_s = dS W_s (programs
-over row blocks x K splits) and dW_s = dS^T F_s (programs over K blocks x row splits),
-partial sums over splits added in fp32 by torch. The weight-norm chain (dW_s -> dv, dg)
-and the teacher column sums, colsum = W_t (sum of the kept teacher feature rows), run in
-PyTorch on [K, D] tensors.
+features F [rows, D]. Forward: the logits s = F_s W_s^T and t = F_t W_t^T are computed
+tile by tile on chip ([BLOCK_R, BLOCK_K] tiles from BLOCK_D slices of F and W, tl.dot with
+fp32 accumulation) and fed to the same online statistics, flash-attention style: no
+[rows, K] tensor exists in memory. Backward, K in chunks (all of K when [rows, K] fits
+in FUSED_CHUNK_BYTES): a kernel recomputes the chunk's s and t tiles on chip and writes
+dS = w (softmax(s/ts) - p) / ts * dloss in the feature dtype to a [rows, chunk] buffer
+reused by every chunk; cuBLAS then gives dF += dS W_s[chunk] and dW_s[chunk] = dS^T F_s.
+(A first backward accumulated dF and dW inside two Triton kernels, each recomputing the
+logits: 12 R K D FLOPs at ~50 TFLOP/s on an H100, 9-10x slower than the unfused backward.)
+The weight-norm chain (dW_s -> dv, dg) and the teacher column sums,
+colsum = W_t (sum of the kept teacher feature rows), run in PyTorch on [K, D] tensors.
 
-    FLOPs (R rows): forward 4 R K D; backward 12 R K D (each of its two kernels
-    recomputes s and t), against 8 R K D for the unfused head. HBM traffic: the features
-    and weights (re-read per tile from L2), O(R D + K D) bytes, against ~9 R K elt for the
-    unfused head + loss (write s and t, read them twice, write and read dS).
+    FLOPs (R rows): forward 4 R K D (Triton); backward 4 R K D recomputing the logits
+    (Triton) + 4 R K D (cuBLAS), against 8 R K D for the unfused head, all cuBLAS. HBM
+    traffic: the features and weights (re-read per tile from L2), O(R D + K D) bytes, and
+    in the backward dS written once and read twice (3 R K elt), against ~9 R K elt for
+    the unfused head + loss (write s and t, read them twice, write and read dS). Memory:
+    O(R + K D) in the forward, O(R x chunk) in the backward, against O(R K) unfused.
 
 Launch configurations are chosen by the host functions (no autotuning, so the
 interpreter runs the same code). Every GPU configuration compiles for sm_90 without
@@ -436,121 +440,43 @@ def _fused_head_ce_fwd_kernel(
 
 
 @triton.jit
-def _fused_head_ce_bwd_feat_kernel(
+def _fused_head_ce_dlogits_kernel(
     fs_ptr,        # student features [rows, D]
-    ws_ptr,        # student last-layer weight [K, D]
+    ws_ptr,        # student last-layer weight of the chunk [K, D]
     ft_ptr,        # teacher features [rows, D]
-    wt_ptr,        # teacher last-layer weight [K, D]
-    c_ptr,         # center [K] fp32
+    wt_ptr,        # teacher last-layer weight of the chunk [K, D]
+    c_ptr,         # center of the chunk [K] fp32
     w_ptr,         # row weights [rows] fp32 (read only if HAS_WEIGHT)
     lse_ptr,       # [2, rows] fp32 log-normalisers from the forward
     dloss_ptr,     # upstream gradient [rows] fp32
-    dfeat_ptr,     # out: per-split d loss / d student features [n_splits, rows, D] fp32
+    ds_ptr,        # out: d loss / d student logits of the chunk [rows, K], the feature dtype
     rows,          # number of rows
-    K,             # number of outputs
+    K,             # columns in the chunk
     D,             # feature dimension, a multiple of BLOCK_D
-    k_per_split,   # columns walked by one program, a multiple of BLOCK_K
+    stride_ds,     # row stride of ds
     inv_ts,        # 1 / student temperature
     inv_tt,        # 1 / teacher temperature
-    HAS_WEIGHT: tl.constexpr,     # rows with weight 0 are padding
+    HAS_WEIGHT: tl.constexpr,     # rows with weight 0 are padding (zero gradient)
     BLOCK_R: tl.constexpr,        # rows per program
-    BLOCK_K: tl.constexpr,        # columns per tile
+    BLOCK_K: tl.constexpr,        # columns per program
     BLOCK_D: tl.constexpr,        # slice of D per tl.dot of the logits
-    D_POW2: tl.constexpr,         # power of 2 >= D: the accumulator's width
     UPCAST: tl.constexpr,         # feed tl.dot fp32
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 operands only)
 ):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
-    split = tl.program_id(1)
+    col0 = tl.program_id(1).to(tl.int64) * BLOCK_K
     r = row0 + tl.arange(0, BLOCK_R)
+    cols = col0 + tl.arange(0, BLOCK_K)
     row_ok, scale = _row_grad_scale(w_ptr, dloss_ptr, r, rows, inv_ts, HAS_WEIGHT, True)
     lse_s, lse_t = _load_lse(lse_ptr, r, rows, row_ok)
     rr = _clamped_offsets(row0, rows, BLOCK_R)
-    fs_ptr += row0 * D
-    ft_ptr += row0 * D
-    d = tl.arange(0, D_POW2)
-    d_ok = d < D
-
-    acc = tl.zeros([BLOCK_R, D_POW2], dtype=tl.float32)
-    k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        col_ok = k0 + tl.arange(0, BLOCK_K) < k_end
-        kk = _clamped_offsets(k0, k_end, BLOCK_K)
-        ds = _head_grad_tile(fs_ptr, ws_ptr + k0 * D, ft_ptr, wt_ptr + k0 * D, c_ptr + k0,
-                             rr, kk, row_ok, col_ok, lse_s, lse_t, scale, D, inv_ts, inv_tt,
-                             BLOCK_R, BLOCK_K, BLOCK_D, UPCAST, DOT_PRECISION)
-        w = tl.load(ws_ptr + k0 * D + kk[:, None] * D + d[None, :], mask=d_ok[None, :],
-                    other=0.0)
-        ds = ds.to(ws_ptr.dtype.element_ty)  # tensor-core operand, as in the unfused matmul
-        if UPCAST:
-            ds = ds.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(ds, w, acc, input_precision=DOT_PRECISION)
-
-    out = dfeat_ptr + (split * tl.cast(rows, tl.int64) + row0) * D
-    tl.store(out + tl.arange(0, BLOCK_R)[:, None] * D + d[None, :], acc,
-             mask=(r < rows)[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _fused_head_ce_bwd_weight_kernel(
-    fs_ptr,          # student features [rows, D]
-    ws_ptr,          # student last-layer weight [K, D]
-    ft_ptr,          # teacher features [rows, D]
-    wt_ptr,          # teacher last-layer weight [K, D]
-    c_ptr,           # center [K] fp32
-    w_ptr,           # row weights [rows] fp32 (read only if HAS_WEIGHT)
-    lse_ptr,         # [2, rows] fp32 log-normalisers from the forward
-    dloss_ptr,       # upstream gradient [rows] fp32
-    dweight_ptr,     # out: per-split d loss / d W_s [n_splits, K, D] fp32
-    rows,            # number of rows
-    K,               # number of outputs
-    D,               # feature dimension, a multiple of BLOCK_D
-    rows_per_split,  # rows walked by one program, a multiple of BLOCK_R
-    inv_ts,          # 1 / student temperature
-    inv_tt,          # 1 / teacher temperature
-    HAS_WEIGHT: tl.constexpr,     # rows with weight 0 are padding
-    BLOCK_R: tl.constexpr,        # rows per tile
-    BLOCK_K: tl.constexpr,        # columns per program
-    BLOCK_D: tl.constexpr,        # slice of D per tl.dot of the logits
-    D_POW2: tl.constexpr,         # power of 2 >= D: the accumulator's width
-    UPCAST: tl.constexpr,         # feed tl.dot fp32
-    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 operands only)
-):
-    col0 = tl.program_id(0).to(tl.int64) * BLOCK_K
-    split = tl.program_id(1).to(tl.int64)
-    col_ok = col0 + tl.arange(0, BLOCK_K) < K
     kk = _clamped_offsets(col0, K, BLOCK_K)
-    ws_ptr += col0 * D
-    wt_ptr += col0 * D
-    c_ptr += col0
-    d = tl.arange(0, D_POW2)
-    d_ok = d < D
-
-    acc = tl.zeros([BLOCK_K, D_POW2], dtype=tl.float32)
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, rows)
-    for r0 in range(row_start, row_end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        row_ok, scale = _row_grad_scale(w_ptr, dloss_ptr, r, rows, inv_ts, HAS_WEIGHT, True)
-        lse_s, lse_t = _load_lse(lse_ptr, r, rows, row_ok)
-        rr = _clamped_offsets(r0, rows, BLOCK_R)
-        ds = _head_grad_tile(fs_ptr + r0 * D, ws_ptr, ft_ptr + r0 * D, wt_ptr, c_ptr,
-                             rr, kk, row_ok, col_ok, lse_s, lse_t, scale, D, inv_ts, inv_tt,
-                             BLOCK_R, BLOCK_K, BLOCK_D, UPCAST, DOT_PRECISION)
-        f = tl.load(fs_ptr + r0 * D + rr[:, None] * D + d[None, :], mask=d_ok[None, :],
-                    other=0.0)
-        f = tl.where(row_ok[:, None], f, 0.0)  # padding rows may hold anything, even NaN
-        ds = ds.to(fs_ptr.dtype.element_ty)  # tensor-core operand, as in the unfused matmul
-        if UPCAST:
-            ds = ds.to(tl.float32)
-            f = f.to(tl.float32)
-        acc = tl.dot(tl.trans(ds), f, acc, input_precision=DOT_PRECISION)
-
-    out = dweight_ptr + (split * K + col0) * D
-    tl.store(out + tl.arange(0, BLOCK_K)[:, None] * D + d[None, :], acc,
-             mask=col_ok[:, None] & d_ok[None, :])
+    ds = _head_grad_tile(fs_ptr + row0 * D, ws_ptr + col0 * D, ft_ptr + row0 * D,
+                         wt_ptr + col0 * D, c_ptr + col0, rr, kk, row_ok, cols < K,
+                         lse_s, lse_t, scale, D, inv_ts, inv_tt,
+                         BLOCK_R, BLOCK_K, BLOCK_D, UPCAST, DOT_PRECISION)
+    tl.store(ds_ptr + r[:, None] * stride_ds + cols[None, :], ds.to(ds_ptr.dtype.element_ty),
+             mask=(r < rows)[:, None] & (cols < K)[None, :])
 
 
 # --------------------------------------------------------------------------------------
@@ -722,29 +648,24 @@ def centered_ce_bwd(student, teacher, center, lse, student_temp, teacher_temp,
 
 
 def _fused_blocks(D: int, dtype: torch.dtype, device: torch.device):
-    """(forward, backward) launch configurations of the fused kernels.
+    """Launch configuration of the fused kernels (the forward's statistics and the
+    backward's gradient of the logits: the same logits tiles).
 
-    GPU, bf16/fp16: forward 64 x 64 tiles, 4 warps; backward 64 rows x 32 columns, 8 warps
-    (its fp32 accumulator, [64, D] or [32, D], sets the register budget). fp32 operands:
-    32 x 32 tiles. D is walked in slices of BLOCK_D (a power of 2 dividing D, at most 64).
-    Chosen so that ptxas (sm_90, Triton 3.6) reports no register spills at D = 256 (the
-    dW kernel: 16 bytes); not yet tuned by timing on a GPU. Interpreter: large column tiles
-    and D in one slice, since its cost is per op rather than per FLOP."""
-    d_pow2 = next_power_of_2(D)
+    GPU, bf16/fp16: 64 x 64 tiles, 4 warps; fp32 operands: 32 x 32. D is walked in slices
+    of BLOCK_D (a power of 2 dividing D, at most 64). Chosen so that ptxas (sm_90, Triton
+    3.6) reports no register spills at D = 256; not yet tuned by timing on a GPU.
+    Interpreter: large column tiles and D in one slice, since its cost is per op rather
+    than per FLOP."""
     largest_slice = 64 if device.type == "cuda" else 512
     block_d = 16
     while block_d * 2 <= largest_slice and D % (block_d * 2) == 0:
         block_d *= 2
     if device.type != "cuda":
-        fwd = dict(BLOCK_R=32, BLOCK_K=512, BLOCK_D=block_d, num_warps=4, num_stages=1)
-        return fwd, dict(fwd, D_POW2=d_pow2)
+        return dict(BLOCK_R=32, BLOCK_K=512, BLOCK_D=block_d, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        fwd = dict(BLOCK_R=32, BLOCK_K=32, BLOCK_D=min(block_d, 32), num_warps=4, num_stages=2)
-        return fwd, dict(fwd, num_warps=8, D_POW2=d_pow2)
-    fwd = dict(BLOCK_R=64, BLOCK_K=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    bwd = dict(BLOCK_R=64, BLOCK_K=32, BLOCK_D=block_d, num_warps=8, num_stages=2,
-               D_POW2=d_pow2)
-    return fwd, bwd
+        return dict(BLOCK_R=32, BLOCK_K=32, BLOCK_D=min(block_d, 32), num_warps=4,
+                    num_stages=2)
+    return dict(BLOCK_R=64, BLOCK_K=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
 
 
 def _dot_args(dtype: torch.dtype):
@@ -794,7 +715,7 @@ def fused_head_ce_fwd(student_feat, student_w, teacher_feat, teacher_w, center,
     if rows == 0:
         return loss, lse
 
-    cfg, _ = _fused_blocks(D, student_feat.dtype, device)
+    cfg = _fused_blocks(D, student_feat.dtype, device)
     k_per_split, n_splits = _fused_k_splits(rows, K, cfg, device)
     upcast, precision = _dot_args(student_feat.dtype)
     stats = torch.empty(5, n_splits, rows, device=device, dtype=torch.float32)
@@ -816,12 +737,28 @@ def _fused_k_splits(rows, K, cfg, device):
     return k_per_split, triton.cdiv(K, k_per_split)
 
 
+FUSED_CHUNK_BYTES = 256 << 20  # the backward's buffer of logit gradients, at most
+
+
+def _fused_chunk(rows: int, K: int, itemsize: int) -> int:
+    """Columns per chunk of the fused backward: all of K when [rows, K] logit gradients
+    fit in FUSED_CHUNK_BYTES, else the largest multiple of 1024 that does (at least 1024)."""
+    if rows * K * itemsize <= FUSED_CHUNK_BYTES:
+        return K
+    return max(1024, FUSED_CHUNK_BYTES // (rows * itemsize) // 1024 * 1024)
+
+
 def fused_head_ce_bwd(student_feat, student_w, teacher_feat, teacher_w, center, lse,
-                      student_temp, teacher_temp, weight, dloss):
-    """Backward of the fused last layer + loss.
+                      student_temp, teacher_temp, weight, dloss, chunk=None):
+    """Backward of the fused last layer + loss, K in chunks.
 
     Inputs as `fused_head_ce_fwd` (already contiguous, one dtype), lse [2, rows] from it,
-    dloss [rows]. Returns (d student_feat [rows, D] fp32, d student_w [K, D] fp32).
+    dloss [rows]; chunk: columns per chunk instead of `_fused_chunk`'s choice. For each
+    chunk of columns, a kernel recomputes the student and teacher logits on chip (as the
+    forward did, fp32 accumulation) and writes dS, the gradient of the student logits, in
+    the feature dtype to a [rows, chunk] buffer reused by every chunk; two matmuls then
+    give dF += dS W_s[chunk] and dW_s[chunk] = dS^T F_s. Returns (d student_feat [rows, D]
+    fp32, d student_w [K, D] fp32).
     """
     student_feat, teacher_feat = student_feat.contiguous(), teacher_feat.contiguous()
     student_w, teacher_w = student_w.contiguous(), teacher_w.contiguous()
@@ -831,36 +768,31 @@ def fused_head_ce_bwd(student_feat, student_w, teacher_feat, teacher_w, center, 
     rows, D = student_feat.shape
     K = student_w.shape[0]
     device = student_feat.device
+    dfeat = torch.zeros(rows, D, device=device, dtype=torch.float32)
+    dweight = torch.empty(K, D, device=device, dtype=torch.float32)
     if rows == 0:
-        return (torch.zeros(rows, D, device=device, dtype=torch.float32),
-                torch.zeros(K, D, device=device, dtype=torch.float32))
+        return dfeat, dweight.zero_()
 
-    _, cfg = _fused_blocks(D, student_feat.dtype, device)
+    cfg = _fused_blocks(D, student_feat.dtype, device)
     upcast, precision = _dot_args(student_feat.dtype)
-    tensors = (student_feat, student_w, teacher_feat, teacher_w, center,
-               weight if weight is not None else center, lse, dloss)
-    temps = (1.0 / student_temp, 1.0 / teacher_temp)
-    flags = dict(HAS_WEIGHT=weight is not None, UPCAST=upcast, DOT_PRECISION=precision, **cfg)
-
-    # d features: programs over row blocks x K splits
-    k_per_split, n_splits = _fused_k_splits(rows, K, cfg, device)
-    dfeat = torch.empty(n_splits, rows, D, device=device, dtype=torch.float32)
-    _fused_head_ce_bwd_feat_kernel[(triton.cdiv(rows, cfg["BLOCK_R"]), n_splits)](
-        *tensors, dfeat, rows, K, D, k_per_split, *temps, **flags,
-    )
-
-    # d weight: programs over K blocks x row splits
-    n_k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
-    n_row_tiles = triton.cdiv(rows, cfg["BLOCK_R"])
-    n_splits_r = max(1, min(n_row_tiles, triton.cdiv(_target_programs(device, 2), n_k_blocks)))
-    rows_per_split = cfg["BLOCK_R"] * triton.cdiv(n_row_tiles, n_splits_r)
-    n_splits_r = triton.cdiv(rows, rows_per_split)
-    dweight = torch.empty(n_splits_r, K, D, device=device, dtype=torch.float32)
-    _fused_head_ce_bwd_weight_kernel[(n_k_blocks, n_splits_r)](
-        *tensors, dweight, rows, K, D, rows_per_split, *temps, **flags,
-    )
-    return (dfeat[0] if n_splits == 1 else dfeat.sum(dim=0),
-            dweight[0] if n_splits_r == 1 else dweight.sum(dim=0))
+    chunk = min(K, chunk or _fused_chunk(rows, K, student_feat.element_size()))
+    ds = torch.empty(rows, chunk, device=device, dtype=student_feat.dtype)
+    # padding rows (weight 0) get dS = 0, but may hold anything, even NaN: 0 x NaN in dW
+    kept = student_feat if weight is None else \
+        torch.where(weight[:, None] != 0, student_feat, 0.0)
+    for k0 in range(0, K, chunk):
+        n = min(chunk, K - k0)
+        ds_chunk = ds[:, :n]
+        grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(n, cfg["BLOCK_K"]))
+        _fused_head_ce_dlogits_kernel[grid](
+            student_feat, student_w[k0:], teacher_feat, teacher_w[k0:], center[k0:],
+            weight if weight is not None else center, lse, dloss, ds_chunk,
+            rows, n, D, ds.stride(0), 1.0 / student_temp, 1.0 / teacher_temp,
+            HAS_WEIGHT=weight is not None, UPCAST=upcast, DOT_PRECISION=precision, **cfg,
+        )
+        dfeat += ds_chunk @ student_w[k0:k0 + n]  # matmuls in the feature dtype
+        dweight[k0:k0 + n] = ds_chunk.t() @ kept
+    return dfeat, dweight
 
 
 # --------------------------------------------------------------------------------------

@@ -379,6 +379,26 @@ def test_fused_head_matches_unfused(K, rows, D, dtype, weighted, teacher_temp, d
     _check_head(tensors, teacher_temp, weight, dloss, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_head_backward_in_chunks(dtype, monkeypatch, device):
+    """The backward walks K in chunks when [rows, K] logit gradients exceed its buffer
+    budget: 2,500 columns in chunks of 1,024, 1,024 and 452 (a budget of 1 byte forces the
+    smallest chunk), the same values and gradients as the twin."""
+    monkeypatch.setattr(kernels, "FUSED_CHUNK_BYTES", 1)
+    assert kernels._fused_chunk(37, 2500, 2) == 1024
+    gen = _generator("head chunks", str(dtype))
+    tensors, weight, dloss = _head_inputs(37, 2500, 64, dtype, device, gen)
+    _check_head(tensors, 0.07, weight, dloss, dtype)
+
+
+def test_fused_chunk_sizes():
+    budget = kernels.FUSED_CHUNK_BYTES
+    assert kernels._fused_chunk(7500, 8192, 2) == 8192  # 117 MiB: one chunk
+    chunk = kernels._fused_chunk(7500, 65536, 2)
+    assert chunk % 1024 == 0 and 7500 * chunk * 2 <= budget < 7500 * (chunk + 1024) * 2
+    assert kernels._fused_chunk(10 ** 7, 65536, 4) == 1024  # never below 1,024 columns
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the NaN rows dropped
 def test_fused_head_padding_rows_and_poisoned_workspaces(poisoned_empty, device):
     gen = _generator("head padding")
