@@ -879,8 +879,9 @@ class _FusedHeadCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_feat, student_w, teacher_feat, teacher_w, center,
                 student_temp, teacher_temp, weight, dtype):
-        # the weights arrive in fp32 and their gradient leaves in fp32 (no rounding to the
-        # matmul dtype on its way to v and g); the kernels read copies in the matmul dtype
+        # the weights arrive in fp32 and their gradient leaves in fp32 (each chunk of dW is
+        # one matmul in the matmul dtype, as in the unfused head); the kernels read copies
+        # in the matmul dtype
         student_feat = student_feat.to(dtype).contiguous()
         teacher_feat = teacher_feat.to(dtype).contiguous()
         student_w, teacher_w = student_w.to(dtype).contiguous(), teacher_w.to(dtype).contiguous()

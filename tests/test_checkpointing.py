@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ibot_fast.models.attention import Seqs
-from ibot_fast.models.vit import CHECKPOINTING, AddRows, Block, run_block, vit
+from ibot_fast.models.vit import CHECKPOINTING, Block, add_rows, run_block, vit
 
 MODES = [m for m in CHECKPOINTING if m != "none"]
 
@@ -120,19 +120,19 @@ def test_bytes_each_mode_keeps_per_token(efficient, pack):
     assert kept["none"] > 14  # (its linear layers also keep their weights' bf16 copies)
 
 
-@pytest.mark.parametrize("scale", [1.25, "rows"])
-def test_add_rows_gradients_and_what_it_keeps(scale):
-    """AddRows equals index_add (values and gradients, fp64) and keeps the rows and the
-    scale only, not the added tensor."""
-    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-    out = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("shape", [(4, 3), (4, 2, 3)])
+def test_add_rows_gradients_and_what_it_keeps(shape):
+    """add_rows equals index_add of the scaled rows (values and gradients, fp64; packed
+    tokens [T, dim] and samples [B, N, dim]) and keeps the rows and the scale only, not the
+    added tensor."""
+    x = torch.randn(7, *shape[1:], dtype=torch.float64, requires_grad=True)
+    out = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     rows = torch.tensor([5, 0, 2, 6])
-    s = 1.25 if scale != "rows" else torch.rand(4, dtype=torch.float64) + 0.5
-    ref = torch.index_add(x, 0, rows, out, alpha=s) if isinstance(s, float) else \
-        torch.index_add(x, 0, rows, out * s[:, None])
-    got = AddRows.apply(x, out, rows, s)
+    scale = torch.rand(4, dtype=torch.float64) + 0.5
+    ref = torch.index_add(x, 0, rows, out * scale.view(-1, *(1,) * (out.dim() - 1)))
+    got = add_rows(x, out, rows, scale)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
-    assert torch.autograd.gradcheck(lambda a, b: AddRows.apply(a, b, rows, s), (x, out))
+    assert torch.autograd.gradcheck(lambda a, b: add_rows(a, b, rows, scale), (x, out))
     saved = {t.data_ptr() for t in got.grad_fn.saved_tensors}
     assert out.data_ptr() not in saved and rows.data_ptr() in saved
 
@@ -239,20 +239,82 @@ def test_selective_policy_keeps_every_attention_kernel_and_matmul():
 
 
 def test_policy_finds_the_mlp_matmuls_by_shape():
-    """fc2 (hidden input rows) is never kept; fc1 (hidden output columns) only by
-    `selective`; the others always. addmm(bias, x, w.t()) and mm(x, w.t()) alike."""
+    """fc2 ([hidden, dim] weight) is never kept; fc1 ([dim, hidden]) only by `selective`;
+    qkv and proj always, also where the MLP is as wide as one of them. addmm(bias, x, w.t())
+    and mm(x, w.t()) alike."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     from ibot_fast.models.vit import _keep_matmuls_and_attention as policy
+    from ibot_fast.models.vit import _recomputed_matmuls
 
-    ops, x = torch.ops.aten, torch.empty(5, 8)
-    fc1, fc2, qkv = torch.empty(8, 32), torch.empty(32, 8), torch.empty(8, 24)
-    bias = torch.empty(32)
-    for keep_hidden in (True, False):
-        decide = lambda op, *args: policy(None, op, *args, hidden=32,  # noqa: E731
-                                          keep_hidden=keep_hidden)
-        save = CheckpointPolicy.MUST_SAVE
-        assert (decide(ops.addmm.default, bias, x, fc1) == save) == keep_hidden
-        assert (decide(ops.mm.default, x, fc1) == save) == keep_hidden
-        assert decide(ops.addmm.default, bias[:8], torch.empty(5, 32), fc2) != save
-        assert decide(ops.mm.default, x, qkv) == save
+    ops, save = torch.ops.aten, CheckpointPolicy.MUST_SAVE
+    dim = 8
+    qkv, proj = torch.empty(dim, 3 * dim), torch.empty(dim, dim)
+    for mode in ("selective", "selective_mlp"):
+        recompute = _recomputed_matmuls(Block(dim, 2, mlp_ratio=4), mode)
+        decide = lambda op, *args: policy(None, op, *args, recompute=recompute)  # noqa: E731
+        x, h = torch.empty(5, dim), torch.empty(5, 4 * dim)
+        fc1, fc2 = torch.empty(dim, 4 * dim), torch.empty(4 * dim, dim)
+        assert (decide(ops.addmm.default, torch.empty(4 * dim), x, fc1) == save) == \
+            (mode == "selective")
+        assert (decide(ops.mm.default, x, fc1) == save) == (mode == "selective")
+        assert decide(ops.addmm.default, torch.empty(dim), h, fc2) != save
+        assert decide(ops.mm.default, x, qkv) == save and decide(ops.mm.default, x, proj) == save
+    # an MLP as wide as proj (ratio 1) or qkv (ratio 3): those shapes are never recomputed
+    assert _recomputed_matmuls(Block(dim, 2, mlp_ratio=1), "selective_mlp") == frozenset()
+    assert _recomputed_matmuls(Block(dim, 2, mlp_ratio=3), "selective_mlp") == {(3 * dim, dim)}
+    with pytest.raises(ValueError, match="mlp_ratio=3"):
+        vit_demo = dict(img_size=32, patch_size=4, dim=128, depth=1, heads=4)
+        from ibot_fast.models.vit import VisionTransformer
+        VisionTransformer(**vit_demo, mlp_ratio=3, activation_checkpointing="selective_mlp")
+
+
+def test_compiled_policy_recomputes_what_eager_does():
+    """torch.compile applies the policy through its own tracing (fake tensors): count the
+    matmuls in the compiled backward graphs (aot_eager, min-cut partitioner) of a block."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    mm_ops = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    counts = {}
+
+    def backend(mode):
+        def compile_fn(gm, inputs):
+            def bw(graph, _):
+                counts[mode] = sum(n.target in mm_ops for n in graph.graph.nodes)
+                return graph
+            return aot_module_simplified(gm, inputs, fw_compiler=lambda g, _: g,
+                                         bw_compiler=bw,
+                                         partition_fn=min_cut_rematerialization_partition)
+        return compile_fn
+
+    for mode in CHECKPOINTING:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        block = Block(32, 2, backend="math")
+        fn = torch.compile(lambda x: run_block(block, x, None, mode), backend=backend(mode))
+        fn(torch.randn(3, 5, 32, requires_grad=True)).sum().backward()
+    torch._dynamo.reset()
+    # none: 2 per linear layer (dx, dW) = 8; + fc1 for selective_mlp; + qkv, proj, fc1 for full
+    assert counts == {"none": 8, "selective": 8, "selective_mlp": 9, "full": 11}
+
+
+def test_efficient_drop_path_compiles_with_dynamic_batch_sizes():
+    """With symbolic batch sizes (dynamic=True) the subset size is a derived symbol: a
+    Python float B / k, or that size inside an autograd.Function, could not be lifted by
+    dynamo; add_rows is a custom op, opaque to it. drop_path 0.05 keeps round(0.95 B) = B
+    samples at these sizes, so the (compiled, differently drawn) permutation does not
+    matter and the result equals the eager block's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = Block(32, 2, drop_path=0.05, efficient_drop_path=True)
+    fn = torch.compile(block, dynamic=True)  # inductor
+    for B in (5, 7):
+        x = torch.randn(B, 4, 32, requires_grad=True)
+        out = fn(x)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        ref = block(x)
+        (ref_grad,) = torch.autograd.grad(ref.square().sum(), x)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(grad, ref_grad)
+    torch._dynamo.reset()

@@ -24,9 +24,10 @@ counted by `tests/test_checkpointing.py`):
                    student matmul FLOPs
     full           1: only its input; the whole forward but its last matmul runs again in
                    the backward (about a third more FLOPs; DINOv2's `checkpointing`)
-The block's last matmul (fc2) is never recomputed nor kept: the checkpointed region ends
-at its output (`Block.up_to_mlp`), and the residual add after it runs outside
-(`Block.add_mlp`). Random draws (drop path) are replayed exactly, so all modes give the
+The block's last matmul (fc2) is neither kept nor recomputed: the checkpointed region
+ends at its output (`Block.up_to_mlp`), the residual add after it runs outside
+(`Block.add_mlp`), and torch stops recomputing once the backward's inputs exist again
+(its default early stop; with it off, fc2 reruns in every mode). Random draws (drop path) are replayed exactly, so all modes give the
 same gradients.
 """
 import functools
@@ -69,33 +70,38 @@ def drop_path(x: torch.Tensor, p: float, training: bool, seqs: Seqs = None) -> t
 _SAVED_OPS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "linear"}
 
 
-def _keep_matmuls_and_attention(ctx, op, *args, hidden: int = None,
-                                keep_hidden: bool = True, **kwargs):
+def _keep_matmuls_and_attention(ctx, op, *args, recompute: frozenset = frozenset(),
+                                **kwargs):
     """Selective checkpointing policy: keep what is expensive to recompute (matmuls, and
     attention kernels of any backend: SDPA's flash / efficient / cuDNN / CPU ones,
-    xformers' ops, torch's varlen_attn), recompute the rest.
-
-    `hidden` (the MLP's width) picks out the MLP's matmuls by shape (so that it holds when
-    torch.compile traces the policy): the second (fc2, `hidden` input rows) ends the
-    checkpointed region and its output is never read by the backward, so it is not kept
-    (nor recomputed: torch stops recomputing once the backward's inputs exist again); with
-    `keep_hidden=False`, the first (fc1, `hidden` output columns) is recomputed."""
+    xformers' ops, torch's varlen_attn), recompute the rest, and the matmuls (mm, addmm)
+    whose weight operand has a shape in `recompute` ([in, out] pairs; by shape, so that it
+    holds when torch.compile traces the policy)."""
     name = op.name() if hasattr(op, "name") else str(op)
     namespace, _, rest = name.partition("::")
     base = rest.split(".")[0]
-    if hidden is not None and base in ("mm", "addmm"):
-        weight = args[-1]  # [in, out]
-        if weight.shape[-2] == hidden or (not keep_hidden and weight.shape[-1] == hidden):
-            return CheckpointPolicy.PREFER_RECOMPUTE
+    if recompute and base in ("mm", "addmm") and tuple(args[-1].shape[-2:]) in recompute:
+        return CheckpointPolicy.PREFER_RECOMPUTE
     if base in _SAVED_OPS or "attention" in base or "attn" in base or \
             namespace.startswith(("xformers", "torch_attn")):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _selective_contexts(hidden: int, keep_hidden: bool):
-    policy = functools.partial(_keep_matmuls_and_attention, hidden=hidden,
-                               keep_hidden=keep_hidden)
+def _recomputed_matmuls(block: nn.Module, mode: str) -> frozenset:
+    """Weight shapes ([in, out]) of the matmuls a selective mode does not keep: fc2 (it
+    ends the checkpointed region and the backward never reads its output, so it is not
+    recomputed either: torch stops recomputing once the backward's inputs exist again,
+    unless `torch.utils.checkpoint.set_checkpoint_early_stop(False)`), and fc1 for
+    `selective_mlp`. Shapes shared with qkv or proj (an MLP as wide as dim or 3 x dim) are
+    left out: those matmuls are kept (`VisionTransformer` refuses selective_mlp there)."""
+    dim, hidden = block.mlp.fc1.in_features, block.mlp.fc1.out_features
+    shapes = {(hidden, dim)} | ({(dim, hidden)} if mode == "selective_mlp" else set())
+    return frozenset(shapes - {(dim, 3 * dim), (dim, dim)})
+
+
+def _selective_contexts(recompute: frozenset):
+    policy = functools.partial(_keep_matmuls_and_attention, recompute=recompute)
     return create_selective_checkpoint_contexts(policy)
 
 
@@ -122,8 +128,7 @@ def run_block(block: nn.Module, x: torch.Tensor, seqs, mode: str) -> torch.Tenso
     if mode == "full":
         parts = checkpoint(block.up_to_mlp, x, seqs, use_reentrant=False)
     else:
-        contexts = functools.partial(_selective_contexts, block.mlp.fc1.out_features,
-                                     keep_hidden=mode == "selective")
+        contexts = functools.partial(_selective_contexts, _recomputed_matmuls(block, mode))
         parts = checkpoint(_without_cast_cache, block.up_to_mlp, x, seqs, use_reentrant=False,
                            context_fn=contexts)
     return block.add_mlp(*parts, seqs)
@@ -195,54 +200,66 @@ class Block(nn.Module):
             x = x + drop_path(attn(x, seqs), self.drop_path, self.training, seqs)
             return x, self.mlp(self.norm2(x)), None, None
         rows, sub, scale = self._subset(x, seqs)
-        x = self._add_rows(x, attn(x[rows], sub), rows, scale)
+        x = add_rows(x, attn(x[rows], sub), rows, scale)
         rows, _, scale = self._subset(x, seqs)
         return x, self.mlp(self.norm2(x[rows])), rows, scale
 
     def add_mlp(self, x, out, rows, scale, seqs: Seqs = None):
         """The MLP's residual add (with its drop path): the end of `forward`."""
         if rows is not None:
-            return self._add_rows(x, out, rows, scale)
+            return add_rows(x, out, rows, scale)
         return x + drop_path(out, self.drop_path, self.training, seqs)
 
     def _subset(self, x, seqs):
         """(rows, their Seqs, scale) of DINOv2's stochastic depth: a random subset of
-        round(B (1 - p)) samples; the scale is B / subset (per packed token, or one float)."""
+        round(B (1 - p)) samples, scaled by B / subset (one value per row: a sample, or a
+        packed token; a tensor, so that torch.compile's symbolic sizes never become a
+        Python float)."""
         keep = 1.0 - self.drop_path
         if seqs is None:
             B = x.shape[0]
             k = max(1, int(round(B * keep)))
-            return torch.randperm(B, device=x.device)[:k], None, B / k
+            return (torch.randperm(B, device=x.device)[:k], None,
+                    torch.full((k,), B / k, device=x.device))
         return seqs.sample(keep, x.device)
 
-    @staticmethod
-    def _add_rows(x, out, rows, scale):
-        return AddRows.apply(x, out, rows, scale)
+
+def _per_row(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """scale [rows] as [rows, 1, ...] in like's dtype, to broadcast over its rows."""
+    return scale.to(like.dtype).view(-1, *(1,) * (like.dim() - 1))
 
 
-class AddRows(torch.autograd.Function):
-    """x with `out * scale` added to its `rows` (DINOv2's stochastic depth, out of place).
+@torch.library.custom_op("ibot_fast::add_rows", mutates_args=())
+def add_rows(x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
+             scale: torch.Tensor) -> torch.Tensor:
+    """x with `out * scale` added to its `rows` (DINOv2's stochastic depth, out of place);
+    scale: one value per row of `out`.
 
     torch.index_add keeps its whole `source` for the backward: one activation per residual
-    branch and block that nothing else needs. This keeps only the rows and the scale
-    (a float, or one value per row)."""
+    branch and block that nothing else needs. This keeps only the rows and the scale. A
+    custom op rather than an autograd.Function: torch.compile treats it as one opaque op,
+    so symbolic subset sizes (dynamic shapes) pass through it."""
+    return torch.index_add(x, 0, rows, out * _per_row(scale, x))
 
-    @staticmethod
-    def forward(ctx, x, out, rows, scale):
-        if isinstance(scale, float):
-            ctx.scale = scale
-            ctx.save_for_backward(rows)
-            return torch.index_add(x, 0, rows, out, alpha=scale)
-        scale = scale[:, None].to(x.dtype)
-        ctx.scale = None
-        ctx.save_for_backward(rows, scale)
-        return torch.index_add(x, 0, rows, out * scale)
 
-    @staticmethod
-    def backward(ctx, grad):
-        saved = ctx.saved_tensors  # read once (checkpointing allows one unpack)
-        scale = ctx.scale if ctx.scale is not None else saved[1]
-        return grad, grad.index_select(0, saved[0]) * scale, None, None
+@add_rows.register_fake
+def _add_rows_fake(x, out, rows, scale):
+    return torch.empty_like(x)
+
+
+def _add_rows_setup(ctx, inputs, output):
+    _, out, rows, scale = inputs
+    ctx.save_for_backward(rows, scale)
+    ctx.out_dtype = out.dtype
+
+
+def _add_rows_backward(ctx, grad):
+    rows, scale = ctx.saved_tensors  # read once (checkpointing allows one unpack)
+    d_out = grad.index_select(0, rows) * _per_row(scale, grad)
+    return grad, d_out.to(ctx.out_dtype), None, None
+
+
+add_rows.register_autograd(_add_rows_backward, setup_context=_add_rows_setup)
 
 
 class VisionTransformer(nn.Module):
@@ -257,6 +274,10 @@ class VisionTransformer(nn.Module):
         if activation_checkpointing not in CHECKPOINTING:
             raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is "
                              f"not one of {', '.join(CHECKPOINTING)}")
+        if activation_checkpointing == "selective_mlp" and int(dim * mlp_ratio) in (dim, 3 * dim):
+            raise ValueError("activation_checkpointing=selective_mlp finds fc1 by its shape, "
+                             f"which mlp_ratio={mlp_ratio} shares with qkv or proj: use "
+                             "selective or full")
         self.activation_checkpointing = activation_checkpointing
         self.patch_size = patch_size
         self.embed_dim = dim
