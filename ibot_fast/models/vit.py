@@ -27,8 +27,8 @@ counted by `tests/test_checkpointing.py`):
 The block's last matmul (fc2) is neither kept nor recomputed: the checkpointed region
 ends at its output (`Block.up_to_mlp`), the residual add after it runs outside
 (`Block.add_mlp`), and torch stops recomputing once the backward's inputs exist again
-(its default early stop; with it off, fc2 reruns in every mode). Random draws (drop path) are replayed exactly, so all modes give the
-same gradients.
+(its default early stop; with it off, fc2 reruns in every mode). Random draws (drop
+path) are replayed exactly, so all modes give the same gradients.
 """
 import functools
 import math
@@ -120,17 +120,17 @@ def _without_cast_cache(fn, x: torch.Tensor, seqs):
 
 def run_block(block: nn.Module, x: torch.Tensor, seqs, mode: str) -> torch.Tensor:
     """block(x, seqs) with the named activation checkpointing (module docstring)."""
-    if mode not in CHECKPOINTING:
-        raise ValueError(f"activation_checkpointing={mode!r} is not one of "
-                         f"{', '.join(CHECKPOINTING)}")
     if mode == "none" or not (block.training and torch.is_grad_enabled()):
         return block(x, seqs)
     if mode == "full":
         parts = checkpoint(block.up_to_mlp, x, seqs, use_reentrant=False)
-    else:
+    elif mode in ("selective", "selective_mlp"):
         contexts = functools.partial(_selective_contexts, _recomputed_matmuls(block, mode))
         parts = checkpoint(_without_cast_cache, block.up_to_mlp, x, seqs, use_reentrant=False,
                            context_fn=contexts)
+    else:
+        raise ValueError(f"activation_checkpointing={mode!r} is not one of "
+                         f"{', '.join(CHECKPOINTING)}")
     return block.add_mlp(*parts, seqs)
 
 
