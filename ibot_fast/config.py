@@ -114,6 +114,8 @@ class TrainConfig:
     stop_at_iter: int = 0  # stop (with a checkpoint) after this global iteration; 0 = never
     compile: bool = False  # torch.compile the student and teacher
     device: str = "auto"  # auto | cpu | cuda
+    parallel: str = "ddp"  # several processes: ddp (whole copies) | fsdp (FSDP2: sharded)
+    fsdp_reshard_after_forward: bool = True  # fsdp: regather weights in backward (ZeRO-3)
 
 
 @dataclass
@@ -188,7 +190,10 @@ PRESETS = {
     "vit_small_16_paper": {**_PAPER, "model.arch": "vit_small", "train.epochs": 800},
     "vit_base_16_paper": {**_PAPER, "model.arch": "vit_base", "train.epochs": 400},
     "vit_large_16_paper": {**_PAPER, "model.arch": "vit_large", "train.epochs": 250,
-                           "train.batch_size": 64},
+                           "train.batch_size": 64,
+                           # ZeRO-2, as DINOv2's SHARD_GRAD_OP (one process: not sharded)
+                           "train.parallel": "fsdp",
+                           "train.fsdp_reshard_after_forward": False},
 }
 
 
@@ -283,6 +288,7 @@ _CHOICES = {
     "train.impl": ("reference", "fast"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.parallel": ("ddp", "fsdp"),
 }
 
 
@@ -311,6 +317,14 @@ def validate(cfg: Config) -> None:
     if cfg.loss.fused_last_layer and cfg.loss.centering != "center":
         raise UserError("loss.fused_last_layer=true computes the teacher logits on chip and "
                         "needs loss.centering=center")
+    if cfg.train.parallel == "fsdp":
+        for bad, why in ((cfg.loss.fused_last_layer, "loss.fused_last_layer=true (the loss "
+                          "reads the head's weight, which FSDP keeps sharded)"),
+                         (cfg.optim.fuse_ema, "optim.fuse_ema=true (it needs flat buffers)"),
+                         (cfg.train.precision == "fp16", "train.precision=fp16 (use bf16)")):
+            if bad:
+                raise UserError(f"train.parallel=fsdp does not combine with {why}; "
+                                "use train.parallel=ddp or change that key")
     if cfg.data.n_local < 0 or cfg.train.batch_size < 1 or cfg.train.epochs < 1:
         raise UserError("data.n_local must be >= 0, train.batch_size and train.epochs >= 1")
 

@@ -10,6 +10,9 @@ One node, 8 GPUs (DDP over NCCL; gloo when run on CPUs):
     torchrun --nproc_per_node=8 -m ibot_fast.train --preset vit_small_16_paper \\
         --data /data/imagenet --output-dir runs/vits16
 
+FSDP2 instead of DDP (student, teacher, gradients and AdamW state sharded; ibot_fast/fsdp.py):
+add `train.parallel=fsdp` (the vit_large_16_paper preset's choice).
+
 Several nodes: add `--nnodes N --node_rank R --master_addr HOST --master_port PORT` to
 torchrun on each node. Any config key can be overridden as `key=value` (see
 `ibot-fast keys`); `--resume` continues from <output_dir>/checkpoint.pth (or a path).
@@ -28,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from . import UserError, checkpoint, dist
+from . import UserError, checkpoint, dist, fsdp
 from .config import build_config, derived, to_dict
 from .data import build_train_loader
 from .logger import JsonLog, ProgressBar, setup_logging
 from .flat import FlatParams, ema_flat_
 from .loss import build_loss
 from .masking import buffer_rows, sampler_from_config
-from .models import ARCHS, MaskedRows, build_student_teacher
+from .models import ARCHS, MaskedRows, build_backbone, build_student_teacher
 from .models.attention import resolve_backend
 from .optim import (AdamWEMA, build_optimizer, cancel_last_layer_grads, clip_gradients,
                     ema_loop_, flat_group, last_layer_params, param_groups,
@@ -92,7 +95,7 @@ class Trainer:
         self.fast = cfg.train.impl == "fast"
         self.fuse_ema = self.fast and cfg.optim.fuse_ema
 
-        backend = self._build_networks()
+        self.backend = backend = self._build_networks()
         self.loss = build_loss(cfg).to(self.device)
         self._build_optimizer()
         self._build_data()
@@ -107,14 +110,17 @@ class Trainer:
         self.json_log = JsonLog(self.out_dir / "log.jsonl", enabled=self.is_main)
         if resume:
             self.load(self.out_dir / "checkpoint.pth" if resume == "auto" else Path(resume))
-        log.info("iBOT %s: %s, %d process(es), device %s, precision %s, attention %s, "
+        log.info("iBOT %s: %s, %d process(es)%s, device %s, precision %s, attention %s, "
                  "global batch %d, lr %.3g, %d iterations/epoch",
-                 cfg.train.impl, cfg.model.arch, self.world_size, self.device, self.precision,
+                 cfg.train.impl, cfg.model.arch, self.world_size,
+                 " (FSDP)" if self.sharded else " (DDP)" if self.world_size > 1 else "",
+                 self.device, self.precision,
                  backend, self.derived["global_batch"], self.derived["lr"],
                  self.iters_per_epoch)
 
     def _build_networks(self) -> str:
-        """Student (DDP-wrapped across processes) and teacher; returns the attention backend."""
+        """Student (DDP-wrapped or FSDP-sharded across processes) and teacher; returns the
+        attention backend."""
         cfg = self.cfg
         arch = ARCHS[cfg.model.arch]
         backend = resolve_backend(cfg.model.attention, self.device, arch["heads"],
@@ -124,12 +130,20 @@ class Trainer:
         student, teacher = build_student_teacher(cfg, backend)
         self.student_module = student.to(self.device)
         self.teacher = teacher.to(self.device)
+        self.sharded = cfg.train.parallel == "fsdp" and self.world_size > 1
+        if cfg.train.parallel == "fsdp" and not self.sharded:
+            log.info("train.parallel=fsdp with one process: nothing to shard")
         self.flat_student = self.flat_teacher = None
-        if self.fast:  # parameters as views into flat buffers: one-launch EMA / clipping
+        if self.fast and not self.sharded:  # parameters as views into flat buffers:
+            # one-launch EMA / clipping (FSDP shards its own way: fsdp.py)
             self.flat_student = FlatParams(self.student_module, flat_group)
             self.flat_teacher = FlatParams(self.teacher, like=self.flat_student, grads=False)
         self.student = self.student_module
-        if self.world_size > 1:
+        if self.sharded:  # in place: the parameters become DTensor shards
+            fsdp.shard_networks(self.student_module, self.teacher, self.device,
+                                param_dtype=torch.bfloat16 if self.precision == "bf16" else None,
+                                reshard_after_forward=cfg.train.fsdp_reshard_after_forward)
+        elif self.world_size > 1:
             self.student = torch.nn.parallel.DistributedDataParallel(
                 self.student_module, device_ids=[self.device] if self.device.type == "cuda"
                 else None, broadcast_buffers=False)
@@ -285,6 +299,8 @@ class Trainer:
         o = self.cfg.optim
         if o.clip_grad <= 0:
             return torch.zeros((), device=self.device)
+        if self.sharded:
+            return fsdp.clip_gradients_sharded(self.student_params, o.clip_grad, o.clip_mode)
         if self.flat_student is None or o.clip_mode != "global":
             return clip_gradients(self.student_params, o.clip_grad, o.clip_mode)
         grads = list(self.flat_student.grad.values())
@@ -301,6 +317,8 @@ class Trainer:
     def update_teacher(self, momentum: float) -> None:
         if self.flat_teacher is not None:
             ema_flat_(self.flat_teacher, self.flat_student, momentum)  # one launch per dtype
+        elif self.sharded:
+            fsdp.ema_sharded_(self.teacher, self.student_module, momentum)  # local shards
         else:
             ema_loop_(self.teacher, self.student_module, momentum)  # the official loop
 
@@ -432,8 +450,15 @@ class Trainer:
     def evaluate_knn(self):
         from .eval.knn import knn_eval_backbone
 
+        backbone = self.teacher.backbone
+        if self.sharded:  # a whole copy on rank 0 (every process takes part in gathering)
+            state = fsdp.full_state_dict(self.teacher)
+            if self.is_main:
+                backbone = build_backbone(self.cfg, attention_backend=self.backend).to(self.device)
+                backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items()
+                                          if k.startswith("backbone.")})
         if self.is_main:
-            results = knn_eval_backbone(self.cfg, self.teacher.backbone, self.device)
+            results = knn_eval_backbone(self.cfg, backbone, self.device)
             log.info("k-NN at epoch %d: %s", self.epoch,
                      ", ".join(f"k={k}: {a:.2f}%" for k, a in results.items()))
             self.json_log.write({"iter": self.iteration, "epoch": self.epoch,
@@ -442,11 +467,20 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------
 
+    def network_state_dicts(self) -> dict:
+        """Unsharded student, teacher and optimizer state. Under FSDP every process must
+        call it (it gathers the shards) and only rank 0 gets the tensors."""
+        if self.sharded:
+            return {"student": fsdp.full_state_dict(self.student_module),
+                    "teacher": fsdp.full_state_dict(self.teacher),
+                    "optimizer": fsdp.optimizer_state_dict(self.optimizer)}
+        return {"student": self.student_module.state_dict(),
+                "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict()}
+
     def state_dict(self) -> dict:
         return {
-            "student": self.student_module.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **self.network_state_dicts(),
             "loss": self.loss.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -468,9 +502,14 @@ class Trainer:
     def load(self, path: Path):
         ckpt = checkpoint.load(path)
         checkpoint.check_compatible(ckpt, to_dict(self.cfg), path)
-        self.student_module.load_state_dict(ckpt["student"])
-        self.teacher.load_state_dict(ckpt["teacher"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.sharded:  # every process holds the whole checkpoint, keeps its shards
+            fsdp.load_full_state_dict(self.student_module, ckpt["student"])
+            fsdp.load_full_state_dict(self.teacher, ckpt["teacher"])
+            fsdp.load_optimizer_state_dict(self.optimizer, ckpt["optimizer"])
+        else:
+            self.student_module.load_state_dict(ckpt["student"])
+            self.teacher.load_state_dict(ckpt["teacher"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.loss.load_state_dict(ckpt["loss"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])

@@ -22,7 +22,9 @@ def test_paper_presets():
     assert s.model.shared_head and not s.model.norm_last_layer and s.data.n_local == 10
     assert s.data.global_scale == (0.25, 1.0) and s.data.local_scale == (0.05, 0.25)
     assert build_config("vit_base_16_paper", ["data.path=/x"]).train.epochs == 400
-    assert build_config("vit_large_16_paper", ["data.path=/x"]).model.arch == "vit_large"
+    large = build_config("vit_large_16_paper", ["data.path=/x"])
+    assert large.model.arch == "vit_large" and large.train.batch_size == 64
+    assert large.train.parallel == "fsdp" and not large.train.fsdp_reshard_after_forward
     assert set(PRESETS) >= {"demo", "vit_small_16_paper", "vit_base_16_paper",
                             "vit_large_16_paper"}
 
@@ -45,6 +47,13 @@ def test_overrides_are_typed():
     (["data.source=folder"], "--data PATH"),
     (["loss.centering=sinkhorn", "loss.fused_last_layer=true"], "needs loss.centering=center"),
     (["loss.centering=swav"], "loss.centering='swav' is not one of"),
+    (["train.parallel=zero"], "train.parallel='zero' is not one of ddp, fsdp"),
+    (["train.parallel=fsdp", "loss.fused_last_layer=true"],
+     "train.parallel=fsdp does not combine with loss.fused_last_layer=true"),
+    (["train.parallel=fsdp", "optim.fuse_ema=true"],
+     "train.parallel=fsdp does not combine with optim.fuse_ema=true"),
+    (["train.parallel=fsdp", "train.precision=fp16"],
+     "train.parallel=fsdp does not combine with train.precision=fp16"),
 ])
 def test_bad_overrides_are_one_line_errors(overrides, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")) as e:

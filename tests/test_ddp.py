@@ -1,6 +1,8 @@
-"""Two CPU processes (gloo) against one process with the same global batch (on the CPU
-also where a GPU is present: train.device=cpu)."""
+"""Two CPU processes (gloo), DDP or FSDP2, against one process with the same global batch
+(on the CPU also where a GPU is present: train.device=cpu)."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ibot_fast import checkpoint
 from ibot_fast.config import build_config
+from ibot_fast.eval.knn import knn_eval_backbone
+from ibot_fast.models import build_backbone
 from ibot_fast.train import Trainer
 
 COMMON = ["data.source=synthetic", "data.synthetic_size=32", "data.num_workers=0",
@@ -16,56 +21,180 @@ COMMON = ["data.source=synthetic", "data.synthetic_size=32", "data.num_workers=0
           "model.drop_path_rate=0", "model.out_dim=128", "model.patch_out_dim=128",
           "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "optim.warmup_epochs=0",
           "optim.freeze_last_layer=0", "optim.lr=0.05", "train.device=cpu"]
+FSDP = ["train.parallel=fsdp"]
 
 
-@pytest.mark.parametrize("impl,extra", [
-    ("reference", []),
-    ("fast", []),
-    ("fast", ["model.activation_checkpointing=selective"]),  # DDP with checkpointed blocks
-])
-def test_two_processes_match_one(tmp_path, impl, extra):
-    overrides = COMMON + [f"train.impl={impl}", *extra]
+def torchrun(out_dir: Path, *args) -> dict:
+    """Two worker processes; returns rank 0's saved networks and centers."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
     worker = Path(__file__).parent / "ddp_worker.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
-           str(worker), str(tmp_path / "ddp"), "train.batch_size=4", *overrides]
+           str(worker), str(out_dir), "train.batch_size=4", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(2)]
+    return torch.load(out_dir / "rank0.pt")
 
-    # the teacher (and everything else) is identical on both ranks
-    for key in ranks[0]["teacher"]:
-        assert torch.equal(ranks[0]["teacher"][key], ranks[1]["teacher"][key]), key
-    assert torch.equal(ranks[0]["center"], ranks[1]["center"])
 
-    single = Trainer(build_config("demo", [f"train.output_dir={tmp_path / 'one'}",
-                                           "train.batch_size=8", *overrides]))
-    init = {k: v.clone() for k, v in single.student_module.state_dict().items()}
+def run_single(out_dir: Path, overrides, resume=None) -> Trainer:
+    """One process, batch 8, one thread (as the workers: the same summation order where
+    possible)."""
+    trainer = Trainer(build_config("demo", [f"train.output_dir={out_dir}",
+                                            "train.batch_size=8", *overrides]), resume)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers: the same summation order where possible
+    torch.set_num_threads(1)
     try:
-        single.run()
+        trainer.run()
     finally:
         torch.set_num_threads(threads)
-    single.loss.finish_center_update()
+    trainer.loss.finish_center_update()
+    return trainer
+
+
+def assert_matches(saved: dict, single: Trainer) -> None:
+    """Rank 0's networks and centers equal the single process's."""
     for key, value in single.teacher.state_dict().items():
-        torch.testing.assert_close(ranks[0]["teacher"][key], value, rtol=1e-4, atol=1e-5,
+        torch.testing.assert_close(saved["teacher"][key], value, rtol=1e-4, atol=1e-5,
                                    msg=f"teacher {key}")
     # The student, element by element: AdamW's first steps move every weight by about
     # +-lr whatever its gradient's size, so a gradient within rounding of zero can take
     # either sign in the two runs (half-batch gradients all-reduced vs one batch: seen on
     # a 16-core host, not on the 2-core CI machine). Such elements may differ by up to
     # 2 lr per step; all others must agree to 1e-5, and they must be nearly all.
+    # The key bias (the middle third of qkv.bias) is such an element throughout: softmax
+    # does not change when a constant is added to every logit of a row, so its gradient
+    # is zero up to rounding, and with FSDP's reduce-scatter its rounding differs.
     lr_bound = 2 * single.sched.lr.max() * single.iteration + 1e-5
     for key, value in single.student_module.state_dict().items():
-        diff = (ranks[0]["student"][key] - value).abs()
+        diff = (saved["student"][key] - value).abs()
         assert diff.max() <= lr_bound, f"student {key}: {diff.max():.3g} > {lr_bound:.3g}"
+        if key.endswith("qkv.bias"):
+            q, _, v = diff.chunk(3)
+            diff, value = torch.cat([q, v]), torch.cat([value.chunk(3)[0], value.chunk(3)[2]])
         off = (diff > 1e-5 + 1e-4 * value.abs()).float().mean().item()
         assert off <= 1e-3, f"student {key}: {off:.2%} of the elements differ"
-    torch.testing.assert_close(ranks[0]["center"], single.loss.center, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ranks[0]["center2"], single.loss.center2, rtol=1e-4, atol=1e-5)
-    # the comparison has teeth: training moved the student far more than the tolerance
-    moved = max((single.student_module.state_dict()[k] - v).abs().max().item()
-                for k, v in init.items())
-    assert moved > 1e-3
+    torch.testing.assert_close(saved["center"], single.loss.center, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(saved["center2"], single.loss.center2, rtol=1e-4, atol=1e-5)
+
+
+def assert_moved(before: dict, after: dict, at_least=1e-3) -> None:
+    """The comparison has teeth: training moved the student far more than the tolerance."""
+    assert max((after[k] - v).abs().max().item() for k, v in before.items()) > at_least
+
+
+@pytest.mark.parametrize("impl,extra", [
+    ("reference", []),
+    ("fast", []),
+    ("fast", ["model.activation_checkpointing=selective"]),  # DDP with checkpointed blocks
+    # FSDP2: the reference path runs each block twice per forward (global, local crops)
+    ("reference", FSDP),
+    ("fast", FSDP),
+    ("fast", FSDP + ["model.activation_checkpointing=selective",  # ZeRO-2, official clip
+                     "train.fsdp_reshard_after_forward=false", "optim.clip_mode=per_param"]),
+])
+def test_two_processes_match_one(tmp_path, impl, extra):
+    overrides = COMMON + [f"train.impl={impl}", *extra]
+    saved = torchrun(tmp_path / "ddp", *overrides)
+    sharded = "train.parallel=fsdp" in extra
+    assert saved["sharded"] == sharded
+    if sharded:  # each process held about half of the student (dim-0 shards, padded)
+        total = sum(v.numel() for v in saved["student"].values())
+        assert 0.45 * total <= saved["local_numel"] <= 0.55 * total
+    else:  # the teacher (and everything else) is identical on both ranks
+        other = torch.load(tmp_path / "ddp" / "rank1.pt")
+        for key in saved["teacher"]:
+            assert torch.equal(saved["teacher"][key], other["teacher"][key]), key
+        assert torch.equal(saved["center"], other["center"])
+
+    single = Trainer(build_config("demo", [f"train.output_dir={tmp_path / 'one'}",
+                                           "train.batch_size=8", *overrides]))
+    init = {k: v.clone() for k, v in single.student_module.state_dict().items()}
+    single.close()
+    single = run_single(tmp_path / "one", overrides)
+    assert_matches(saved, single)
+    assert_moved(init, single.student_module.state_dict())
+
+
+def test_fsdp_checkpoint_resumes_anywhere_and_knn(tmp_path):
+    """An FSDP run's checkpoint is whole and in a DDP run's format: it resumes under FSDP
+    and in one process to the same place, and it resumes what an unsharded run wrote.
+    The trainer's k-NN evaluation under FSDP scores the gathered teacher."""
+    overrides = [o for o in COMMON if not o.startswith(("data.source", "train.stop_at"))]
+    overrides += ["data.source=digits", "train.impl=fast", "optim.freeze_last_layer=1"]
+    first = tmp_path / "fsdp"
+    torchrun(first, *overrides, *FSDP, "train.stop_at_iter=2", "--knn")
+
+    # the checkpoint: unsharded tensors, optimizer state keyed by index, as one process's
+    ckpt = checkpoint.load(first / "checkpoint.pth")
+    one = Trainer(build_config("demo", [f"train.output_dir={tmp_path / 'ref'}",
+                                        "train.batch_size=8", *overrides]))
+    one.close()
+    reference = one.state_dict()
+    for part in ("student", "teacher"):
+        assert {k: v.shape for k, v in ckpt[part].items()} == \
+            {k: v.shape for k, v in reference[part].items()}
+        assert all(type(v) is torch.Tensor for v in ckpt[part].values())
+    assert ckpt["optimizer"]["param_groups"][0]["params"] == \
+        reference["optimizer"]["param_groups"][0]["params"]
+    n_params = sum(len(g["params"]) for g in reference["optimizer"]["param_groups"])
+    n_last = len(one.last_layer)  # frozen in epoch 0: AdamW has no state for them yet
+    assert sorted(ckpt["optimizer"]["state"]) == \
+        sorted(set(range(n_params)) - {i for i in range(n_params)
+                                       if i in _last_layer_indices(one)})
+    assert n_last > 0 and ckpt["iteration"] == 2
+
+    # k-NN at the stop, from the trainer under FSDP, equals k-NN of the saved teacher
+    logged = [json.loads(line) for line in (first / "log.jsonl").read_text().splitlines()]
+    knn = [r for r in logged if "knn_top1_k20" in r]
+    assert len(knn) == 1
+    backbone = build_backbone(one.cfg)
+    backbone.load_state_dict({k[len("backbone."):]: v for k, v in ckpt["teacher"].items()
+                              if k.startswith("backbone.")})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = knn_eval_backbone(one.cfg, backbone, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert abs(knn[0]["knn_top1_k20"] - expected[20]) <= 0.2
+
+    # resume under FSDP and in one process: the same four steps
+    later = ["train.stop_at_iter=4"]
+    shutil.copytree(first, tmp_path / "one", ignore=shutil.ignore_patterns("rank*.pt"))
+    saved = torchrun(first, *overrides, *FSDP, *later, "--resume")
+    single = run_single(tmp_path / "one", overrides + later, resume="auto")
+    assert single.iteration == 4
+    assert_matches(saved, single)
+    assert_moved(ckpt["student"], single.student_module.state_dict())
+
+    # and an FSDP run resumes from the single process's (unsharded) checkpoint
+    shutil.copytree(tmp_path / "one", tmp_path / "back")
+    saved = torchrun(tmp_path / "back", *overrides, *FSDP, "train.stop_at_iter=5", "--resume")
+    single = run_single(tmp_path / "one", overrides + ["train.stop_at_iter=5"], resume="auto")
+    assert single.iteration == 5
+    assert_matches(saved, single)
+
+
+def _last_layer_indices(trainer) -> set:
+    """Indices (torch's optimizer numbering) of the head's last-layer parameters."""
+    last = {id(p) for p in trainer.last_layer}
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    return {i for i, p in enumerate(params) if id(p) in last}
+
+
+def test_fsdp_bf16_close_to_one_process(tmp_path):
+    """Under bf16, FSDP gathers the weights in bf16 (fsdp.py): the run stays within bf16
+    rounding of one process under autocast, far closer than the training moved it."""
+    overrides = COMMON + ["train.impl=fast", "train.precision=bf16"]
+    saved = torchrun(tmp_path / "fsdp", *overrides, *FSDP)
+    single = Trainer(build_config("demo", [f"train.output_dir={tmp_path / 'one'}",
+                                           "train.batch_size=8", *overrides]))
+    init = {k: v.clone() for k, v in single.student_module.state_dict().items()}
+    single.close()
+    single = run_single(tmp_path / "one", overrides)
+    for part, net in (("teacher", single.teacher), ("student", single.student_module)):
+        ours, theirs = saved[part], net.state_dict()
+        diff = sum((ours[k] - v).abs().sum().item() for k, v in theirs.items())
+        moved = sum((init[k] - v).abs().sum().item() for k, v in theirs.items())
+        assert diff < 0.05 * moved, f"{part}: {diff:.3g} vs moved {moved:.3g}"
+    torch.testing.assert_close(saved["center"], single.loss.center, rtol=0, atol=2e-3)

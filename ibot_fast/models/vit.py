@@ -189,12 +189,17 @@ class Block(nn.Module):
         self.efficient_drop_path = efficient_drop_path
 
     def forward(self, x, seqs: Seqs = None):
-        return self.add_mlp(*self.up_to_mlp(x, seqs), seqs)
+        return self.add_mlp(*self._up_to_mlp(x, seqs), seqs)
 
     def up_to_mlp(self, x, seqs: Seqs = None):
         """The block up to the MLP branch's output, where activation checkpointing ends:
         (x after the attention's residual add, the MLP branch's output on the rows it ran
-        on, those rows and their scale (efficient drop path; None, None otherwise))."""
+        on, those rows and their scale (efficient drop path; None, None otherwise)).
+        The entry point of `run_block`'s checkpointed modes: FSDP registers it as a
+        forward method of the block, so it must not be called from `forward`."""
+        return self._up_to_mlp(x, seqs)
+
+    def _up_to_mlp(self, x, seqs: Seqs = None):
         attn = lambda y, s: self.attn(self.norm1(y), s)  # noqa: E731
         if not (self.training and self.drop_path > 0 and self.efficient_drop_path):
             x = x + drop_path(attn(x, seqs), self.drop_path, self.training, seqs)

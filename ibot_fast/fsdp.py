@@ -1,0 +1,158 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for the student and the teacher.
+
+`train.parallel=fsdp` shards every parameter, its gradient and its AdamW moments across
+the processes (DESIGN.md: FSDP2 for ViT-L and larger), instead of keeping a whole copy
+of each on every process as DDP does. Per process, parameter state falls from
+16 bytes x P (fp32 weight, gradient, two moments) + 4 x P (the teacher) to 20 x P /
+world size, plus the one block whose weights are gathered at a time.
+
+How it is laid out:
+- Each transformer block is one FSDP unit; the rest of a network (patch embedding,
+  tokens, final norm, the head) is the root unit. Student and teacher are sharded the
+  same way, so the two hold the same slice of each parameter on each process and the
+  EMA runs on the local shards, with no communication.
+- `reshard_after_forward=True` (`train.fsdp_reshard_after_forward`, ZeRO-3) frees a
+  block's gathered weights after its forward and gathers them again in the backward;
+  false keeps them from forward to backward (ZeRO-2, DINOv2's SHARD_GRAD_OP: one
+  all-gather fewer per block and step, more memory). The teacher, which has no backward,
+  always reshards.
+- Under bf16 the weights are gathered in bf16 (`MixedPrecisionPolicy`), half the
+  all-gather bytes; the shards, gradients (reduce-scattered in fp32) and AdamW state stay
+  fp32. Autocast still decides each op's compute dtype, so the numbers are those of DDP
+  + autocast except that LayerNorm weights, biases and the tokens are read rounded to
+  bf16 (as in DINOv2's FSDP set-up).
+- Gradient clipping and the teacher EMA work on the local shards (`local`): one
+  all-reduce of the squared norms for clipping, none for the EMA.
+- Checkpoints hold full, unsharded tensors in the same format as a DDP run's (the
+  optimizer state keyed by parameter index, as torch's AdamW writes it), so a run can
+  move between DDP and FSDP, and between process counts, when it resumes.
+
+Not combined with it (a one-line error from the config): the fused last layer (the loss
+reads the head's weight outside the head's forward, where FSDP has it sharded),
+`optim.fuse_ema` (flat buffers) and fp16 (untested with FSDP2's gradient scaling).
+"""
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
+                                    register_fsdp_forward_method)
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def shard_networks(student, teacher, device: torch.device, param_dtype=None,
+                   reshard_after_forward: bool = True) -> None:
+    """fully_shard each block, then the whole network, for the student and the teacher
+    (in place). `param_dtype`: the dtype weights are gathered in (None: as stored)."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype,
+                                  reduce_dtype=torch.float32 if param_dtype else None,
+                                  cast_forward_inputs=False)  # autocast picks op dtypes
+    for net, reshard in ((student, reshard_after_forward), (teacher, True)):
+        for block in net.backbone.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(net, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    # entry points other than `forward`, around which FSDP must gather the weights: the
+    # teacher's masked path, and the checkpointed part of each student block (run_block)
+    register_fsdp_forward_method(teacher, "forward_teacher_masked")
+    for block in student.backbone.blocks:
+        register_fsdp_forward_method(block, "up_to_mlp")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a plain tensor is its own shard)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+# -- clipping and EMA on the shards --------------------------------------------------------
+
+def clip_gradients_sharded(params, max_norm: float, mode: str = "global") -> torch.Tensor:
+    """`optim.clip_gradients` for sharded parameters: the squared norms of the local
+    shards, summed over processes in one all-reduce, give each parameter's full norm.
+    Returns the total norm (a device tensor, no host sync)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    grads = [local(p.grad) for p in params]
+    squares = torch.stack([n.float() ** 2 for n in torch._foreach_norm(grads)])
+    dist.all_reduce(squares)
+    if mode == "global":
+        total = squares.sum().sqrt()
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        return total
+    norms = squares.sqrt()
+    torch._foreach_mul_(grads, list(torch.clamp(max_norm / (norms + 1e-6), max=1.0)))
+    return torch.linalg.vector_norm(norms)
+
+
+@torch.no_grad()
+def ema_sharded_(teacher: torch.nn.Module, student: torch.nn.Module, m: float) -> None:
+    """t <- m t + (1 - m) s on the local shards (the same slices on both networks)."""
+    t = [local(p) for p in teacher.parameters()]
+    s = [local(p.detach()) for p in student.parameters()]
+    if [x.shape for x in t] != [x.shape for x in s]:
+        raise ValueError("teacher and student are not sharded alike")
+    torch._foreach_mul_(t, m)
+    torch._foreach_add_(t, s, alpha=1 - m)
+
+
+# -- full state dicts ----------------------------------------------------------------------
+# Written here rather than with torch.distributed.checkpoint.state_dict: its loader leaves
+# the alias of a shared parameter (head.last_layer2 is head.last_layer when shared_head)
+# unsharded and then fails to copy it into the DTensor.
+
+def _gather(state: dict, keep: bool) -> dict:
+    """Each DTensor of a state dict gathered whole (a collective: every process calls it,
+    in the same order), moved to the CPU one at a time; returned only where `keep`."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            value = _gather(value, keep)
+        elif isinstance(value, DTensor):
+            value = value.full_tensor()
+            value = value.cpu() if keep else None
+        if keep:
+            out[key] = value
+    return out
+
+
+def full_state_dict(module: torch.nn.Module) -> dict:
+    """The unsharded state dict on rank 0 (CPU tensors), {} elsewhere. Every process
+    must call it."""
+    return _gather(module.state_dict(), keep=dist.get_rank() == 0)
+
+
+def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `like` (a DTensor's placements; a plain tensor: unchanged)."""
+    if not isinstance(like, DTensor):
+        return full
+    full = full.to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(full, like.device_mesh, like.placements)
+
+
+def load_full_state_dict(module: torch.nn.Module, state: dict) -> None:
+    """Load an unsharded state dict (present on every process) into a sharded module;
+    strict, as `load_state_dict`."""
+    current = module.state_dict()
+    module.load_state_dict({k: _shard_like(v, current[k]) if k in current else v
+                            for k, v in state.items()})
+
+
+def optimizer_state_dict(optimizer) -> dict:
+    """The optimizer's state with every moment gathered whole: torch's own format, the
+    same as a DDP run's. Rank 0 gets it, {} elsewhere; every process calls."""
+    state = optimizer.state_dict()
+    keep = dist.get_rank() == 0
+    gathered = _gather({i: s for i, s in state["state"].items()}, keep)
+    return {"state": gathered, "param_groups": state["param_groups"]} if keep else {}
+
+
+def load_optimizer_state_dict(optimizer, state: dict) -> None:
+    """Inverse of `optimizer_state_dict`: whole moments (from a DDP or FSDP run, present on
+    every process) sharded as their parameters, then torch's own loader."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sharded = {}
+    for i, s in state["state"].items():
+        p = params[int(i)]
+        sharded[i] = {k: _shard_like(v, p) if torch.is_tensor(v) and v.shape == p.shape
+                      else v for k, v in s.items()}
+    optimizer.load_state_dict({"state": sharded, "param_groups": state["param_groups"]})
