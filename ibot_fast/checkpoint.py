@@ -33,7 +33,9 @@ def load(path, map_location="cpu") -> dict:
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        # mmap: tensors are read from the file as they are used (each process of a
+        # multi-process resume would otherwise hold a whole copy in memory)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
     except Exception as e:
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
 

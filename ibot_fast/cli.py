@@ -66,7 +66,10 @@ def cmd_demo(argv):
         trainer.run()
     finally:
         trainer.close()
-    trained_acc = knn_eval_backbone(cfg, trainer.teacher.backbone, device)
+    backbone = trainer.whole_teacher_backbone()  # gathered under FSDP; None off rank 0
+    if backbone is None:
+        return 0
+    trained_acc = knn_eval_backbone(cfg, backbone, device)
     minutes = (time.time() - start) / 60
     print()
     print(f"digits k-NN top-1 on the 360 held-out images ({minutes:.1f} min, {device}):")

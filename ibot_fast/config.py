@@ -317,14 +317,6 @@ def validate(cfg: Config) -> None:
     if cfg.loss.fused_last_layer and cfg.loss.centering != "center":
         raise UserError("loss.fused_last_layer=true computes the teacher logits on chip and "
                         "needs loss.centering=center")
-    if cfg.train.parallel == "fsdp":
-        for bad, why in ((cfg.loss.fused_last_layer, "loss.fused_last_layer=true (the loss "
-                          "reads the head's weight, which FSDP keeps sharded)"),
-                         (cfg.optim.fuse_ema, "optim.fuse_ema=true (it needs flat buffers)"),
-                         (cfg.train.precision == "fp16", "train.precision=fp16 (use bf16)")):
-            if bad:
-                raise UserError(f"train.parallel=fsdp does not combine with {why}; "
-                                "use train.parallel=ddp or change that key")
     if cfg.data.n_local < 0 or cfg.train.batch_size < 1 or cfg.train.epochs < 1:
         raise UserError("data.n_local must be >= 0, train.batch_size and train.epochs >= 1")
 

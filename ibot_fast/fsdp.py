@@ -4,7 +4,9 @@
 the processes (DESIGN.md: FSDP2 for ViT-L and larger), instead of keeping a whole copy
 of each on every process as DDP does. Per process, parameter state falls from
 16 bytes x P (fp32 weight, gradient, two moments) + 4 x P (the teacher) to 20 x P /
-world size, plus the one block whose weights are gathered at a time.
+world size, plus the gathered weights: one block at a time with
+`reshard_after_forward=True`, every block of the student from its forward to its
+backward with False.
 
 How it is laid out:
 - Each transformer block is one FSDP unit; the rest of a network (patch embedding,
@@ -19,17 +21,20 @@ How it is laid out:
 - Under bf16 the weights are gathered in bf16 (`MixedPrecisionPolicy`), half the
   all-gather bytes; the shards, gradients (reduce-scattered in fp32) and AdamW state stay
   fp32. Autocast still decides each op's compute dtype, so the numbers are those of DDP
-  + autocast except that LayerNorm weights, biases and the tokens are read rounded to
-  bf16 (as in DINOv2's FSDP set-up).
+  + autocast except that LayerNorm weights, biases, the tokens and the head's g and v
+  are read rounded to bf16 (as in DINOv2's FSDP set-up; g v / ||v|| is still computed
+  in fp32).
 - Gradient clipping and the teacher EMA work on the local shards (`local`): one
   all-reduce of the squared norms for clipping, none for the EMA.
 - Checkpoints hold full, unsharded tensors in the same format as a DDP run's (the
   optimizer state keyed by parameter index, as torch's AdamW writes it), so a run can
   move between DDP and FSDP, and between process counts, when it resumes.
 
-Not combined with it (a one-line error from the config): the fused last layer (the loss
-reads the head's weight outside the head's forward, where FSDP has it sharded),
-`optim.fuse_ema` (flat buffers) and fp16 (untested with FSDP2's gradient scaling).
+Not combined with it (a one-line error at start-up, `check_config`; in one process
+`fsdp` shards nothing and they all work): the fused last layer (the loss reads the head's
+weight outside the head's forward, where FSDP has it sharded), `optim.fuse_ema` (flat
+buffers), apex's optimizers (their kernels want whole local tensors, and LAMB's trust
+ratio would be taken per shard) and fp16 (untested with FSDP2's gradient scaling).
 """
 import torch
 import torch.distributed as dist
@@ -37,6 +42,20 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
                                     register_fsdp_forward_method)
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def check_config(cfg, precision: str) -> None:
+    """One-line error for what does not combine with sharding (module docstring)."""
+    from . import UserError
+
+    for bad, why in ((cfg.loss.fused_last_layer, "loss.fused_last_layer=true (the loss "
+                      "reads the head's weight, which FSDP keeps sharded)"),
+                     (cfg.optim.fuse_ema, "optim.fuse_ema=true (it needs flat buffers)"),
+                     (cfg.optim.name != "adamw", f"optim.name={cfg.optim.name} (use adamw)"),
+                     (precision == "fp16", "train.precision=fp16 (use bf16)")):
+        if bad:
+            raise UserError(f"train.parallel=fsdp does not combine with {why}; use "
+                            "train.parallel=ddp or change that key")
 
 
 def shard_networks(student, teacher, device: torch.device, param_dtype=None,

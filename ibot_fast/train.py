@@ -128,11 +128,15 @@ class Trainer:
                                   low_precision=self.precision in ("bf16", "fp16"))
         torch.manual_seed(cfg.train.seed)  # same initial weights on every process
         student, teacher = build_student_teacher(cfg, backend)
-        self.student_module = student.to(self.device)
-        self.teacher = teacher.to(self.device)
         self.sharded = cfg.train.parallel == "fsdp" and self.world_size > 1
-        if cfg.train.parallel == "fsdp" and not self.sharded:
-            log.info("train.parallel=fsdp with one process: nothing to shard")
+        if self.sharded:  # fully_shard moves each unit's shards to the device itself,
+            fsdp.check_config(cfg, self.precision)  # so no whole copy lands there
+            self.student_module, self.teacher = student, teacher
+        else:
+            if cfg.train.parallel == "fsdp":
+                log.info("train.parallel=fsdp with one process: nothing to shard")
+            self.student_module = student.to(self.device)
+            self.teacher = teacher.to(self.device)
         self.flat_student = self.flat_teacher = None
         if self.fast and not self.sharded:  # parameters as views into flat buffers:
             # one-launch EMA / clipping (FSDP shards its own way: fsdp.py)
@@ -273,6 +277,9 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self.clip_gradients()
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        if self.world_size > 1 and self.cfg.optim.clip_grad <= 0:
+            # no global norm to agree on: every process skips if any process's loss is bad
+            bad = dist.all_reduce_(bad.float(), op=torch.distributed.ReduceOp.MAX) > 0
         if self.fuse_ema:  # AdamW + EMA in one pass; clipping folded in as grad_scale
             self.optimizer.momentum, self.optimizer.frozen_last_layer = momentum, frozen
             self.optimizer.found_inf = bad.float()
@@ -392,10 +399,8 @@ class Trainer:
         if cfg.eval.knn_every and (self.epoch % cfg.eval.knn_every == 0 or last):
             self.evaluate_knn()
         if self.epoch % cfg.train.save_every == 0 or last:
-            self.save()
-            if cfg.train.keep_every and self.epoch % cfg.train.keep_every == 0 and self.is_main:
-                checkpoint.save(self.out_dir / f"checkpoint{self.epoch:04d}.pth",
-                                self.state_dict())
+            keep = cfg.train.keep_every and self.epoch % cfg.train.keep_every == 0
+            self.save(also=f"checkpoint{self.epoch:04d}.pth" if keep else None)
 
     def log_step(self, losses: dict, iters_per_s: float) -> dict:
         """The only host synchronisation of the loop: read the device counters and losses."""
@@ -410,13 +415,18 @@ class Trainer:
             "nonfinite_total": int(self.nonfinite_total),
             "bad_images": self.n_bad_images,
         }
+        bad_images, read = self.n_bad_images, self.iteration * self.cfg.train.batch_size
+        if self.world_size > 1:  # over all processes, so that all of them decide alike
+            bad_images = int(dist.all_reduce_(torch.tensor(float(bad_images),
+                                                           device=self.device)))
+            read *= self.world_size
+            record["bad_images"] = bad_images
         if self.device.type == "cuda":
             record["mem_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.json_log.write(record)
-        read = self.iteration * self.cfg.train.batch_size
-        if self.n_bad_images > max(10, self.cfg.data.max_bad_fraction * read):
+        if bad_images > max(10, self.cfg.data.max_bad_fraction * read):
             self.save()
-            raise UserError(f"{self.n_bad_images} of {read} image reads failed (more than "
+            raise UserError(f"{bad_images} of {read} image reads failed (more than "
                             f"data.max_bad_fraction={self.cfg.data.max_bad_fraction}): is the "
                             "data corrupt? (checkpoint saved)")
         max_run = int(self.nonfinite_max_run)
@@ -447,16 +457,23 @@ class Trainer:
         stop, save = (bool(v > 0) for v in dist.all_reduce_(t).tolist())
         return stop, save
 
+    def whole_teacher_backbone(self):
+        """The teacher's backbone, whole, on rank 0 (None elsewhere). Under FSDP a copy
+        gathered from the shards: every process must call it."""
+        if not self.sharded:
+            return self.teacher.backbone if self.is_main else None
+        state = fsdp.full_state_dict(self.teacher)
+        if not self.is_main:
+            return None
+        backbone = build_backbone(self.cfg, attention_backend=self.backend)
+        backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items()
+                                  if k.startswith("backbone.")})
+        return backbone.to(self.device)
+
     def evaluate_knn(self):
         from .eval.knn import knn_eval_backbone
 
-        backbone = self.teacher.backbone
-        if self.sharded:  # a whole copy on rank 0 (every process takes part in gathering)
-            state = fsdp.full_state_dict(self.teacher)
-            if self.is_main:
-                backbone = build_backbone(self.cfg, attention_backend=self.backend).to(self.device)
-                backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items()
-                                          if k.startswith("backbone.")})
+        backbone = self.whole_teacher_backbone()
         if self.is_main:
             results = knn_eval_backbone(self.cfg, backbone, self.device)
             log.info("k-NN at epoch %d: %s", self.epoch,
@@ -492,10 +509,14 @@ class Trainer:
                          "bad_images": self.n_bad_images},
         }
 
-    def save(self):
-        state = self.state_dict()  # every process takes part (RNG states are gathered)
+    def save(self, also: str = None):
+        """checkpoint.pth (and the file `also`, when given). Every process must call it:
+        the RNG states, and under FSDP the shards, are gathered."""
+        state = self.state_dict()
         if self.is_main:
             path = checkpoint.save(self.out_dir / "checkpoint.pth", state)
+            if also:
+                checkpoint.save(self.out_dir / also, state)
             log.info("checkpoint: %s (epoch %d, iteration %d)", path, self.epoch, self.iteration)
         dist.barrier()
 

@@ -48,16 +48,28 @@ def test_overrides_are_typed():
     (["loss.centering=sinkhorn", "loss.fused_last_layer=true"], "needs loss.centering=center"),
     (["loss.centering=swav"], "loss.centering='swav' is not one of"),
     (["train.parallel=zero"], "train.parallel='zero' is not one of ddp, fsdp"),
-    (["train.parallel=fsdp", "loss.fused_last_layer=true"],
-     "train.parallel=fsdp does not combine with loss.fused_last_layer=true"),
-    (["train.parallel=fsdp", "optim.fuse_ema=true"],
-     "train.parallel=fsdp does not combine with optim.fuse_ema=true"),
-    (["train.parallel=fsdp", "train.precision=fp16"],
-     "train.parallel=fsdp does not combine with train.precision=fp16"),
 ])
 def test_bad_overrides_are_one_line_errors(overrides, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")) as e:
         build_config("demo", overrides)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["loss.fused_last_layer=true"], "loss.fused_last_layer=true"),
+    (["optim.fuse_ema=true"], "optim.fuse_ema=true"),
+    (["optim.name=apex_lamb"], "optim.name=apex_lamb"),
+    (["train.precision=fp16"], "train.precision=fp16"),
+])
+def test_what_fsdp_refuses_is_a_one_line_error(overrides, message):
+    """Checked when the trainer shards (several processes): in one process `fsdp` shards
+    nothing and these keys work."""
+    from ibot_fast.fsdp import check_config
+
+    cfg = build_config("demo", ["train.parallel=fsdp", *overrides])  # valid as a config
+    with pytest.raises(UserError, match="train.parallel=fsdp does not combine with " +
+                       message.replace("[", r"\[")) as e:
+        check_config(cfg, cfg.train.precision)
     assert "\n" not in str(e.value)
 
 

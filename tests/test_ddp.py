@@ -53,7 +53,14 @@ def run_single(out_dir: Path, overrides, resume=None) -> Trainer:
 
 def assert_matches(saved: dict, single: Trainer) -> None:
     """Rank 0's networks and centers equal the single process's."""
-    for key, value in single.teacher.state_dict().items():
+    assert_same_run(saved, {"teacher": single.teacher.state_dict(),
+                            "student": single.student_module.state_dict(),
+                            "center": single.loss.center, "center2": single.loss.center2},
+                    2 * single.sched.lr.max() * single.iteration + 1e-5)
+
+
+def assert_same_run(saved: dict, other: dict, lr_bound: float) -> None:
+    for key, value in other["teacher"].items():
         torch.testing.assert_close(saved["teacher"][key], value, rtol=1e-4, atol=1e-5,
                                    msg=f"teacher {key}")
     # The student, element by element: AdamW's first steps move every weight by about
@@ -64,8 +71,7 @@ def assert_matches(saved: dict, single: Trainer) -> None:
     # The key bias (the middle third of qkv.bias) is such an element throughout: softmax
     # does not change when a constant is added to every logit of a row, so its gradient
     # is zero up to rounding, and with FSDP's reduce-scatter its rounding differs.
-    lr_bound = 2 * single.sched.lr.max() * single.iteration + 1e-5
-    for key, value in single.student_module.state_dict().items():
+    for key, value in other["student"].items():
         diff = (saved["student"][key] - value).abs()
         assert diff.max() <= lr_bound, f"student {key}: {diff.max():.3g} > {lr_bound:.3g}"
         if key.endswith("qkv.bias"):
@@ -73,8 +79,8 @@ def assert_matches(saved: dict, single: Trainer) -> None:
             diff, value = torch.cat([q, v]), torch.cat([value.chunk(3)[0], value.chunk(3)[2]])
         off = (diff > 1e-5 + 1e-4 * value.abs()).float().mean().item()
         assert off <= 1e-3, f"student {key}: {off:.2%} of the elements differ"
-    torch.testing.assert_close(saved["center"], single.loss.center, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(saved["center2"], single.loss.center2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(saved["center"], other["center"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(saved["center2"], other["center2"], rtol=1e-4, atol=1e-5)
 
 
 def assert_moved(before: dict, after: dict, at_least=1e-3) -> None:
@@ -113,6 +119,26 @@ def test_two_processes_match_one(tmp_path, impl, extra):
     single = run_single(tmp_path / "one", overrides)
     assert_matches(saved, single)
     assert_moved(init, single.student_module.state_dict())
+
+
+def test_fsdp_equals_ddp_with_drop_path_over_an_epoch_end(tmp_path):
+    """With stochastic depth (the same draws in both: same seeds, same processes) FSDP
+    equals DDP: efficient drop path, packed crops, selective_mlp checkpointing, no
+    clipping (the skip verdict is then all-reduced); the epoch end writes the kept
+    checkpoint on rank 0 with every process taking part."""
+    overrides = [o for o in COMMON if not o.startswith(("model.drop_path", "train.stop_at"))]
+    overrides += ["train.impl=fast", "model.drop_path_rate=0.2",
+                  "model.efficient_drop_path=true", "model.pack_crops=true",
+                  "model.activation_checkpointing=selective_mlp", "optim.clip_grad=0",
+                  "train.stop_at_iter=5", "train.keep_every=1"]
+    ddp = torchrun(tmp_path / "ddp", *overrides)
+    sharded = torchrun(tmp_path / "fsdp", *overrides, *FSDP)
+    assert sharded["sharded"] and not ddp["sharded"]
+    lr = build_config("demo", overrides).optim.lr * 8 / 256
+    assert_same_run(sharded, ddp, 2 * lr * 5 + 1e-5)
+    for run in ("ddp", "fsdp"):  # 4 iterations per epoch
+        kept = checkpoint.load(tmp_path / run / "checkpoint0001.pth")
+        assert kept["epoch"] == 1 and kept["iteration"] == 4
 
 
 def test_fsdp_checkpoint_resumes_anywhere_and_knn(tmp_path):

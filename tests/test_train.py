@@ -308,10 +308,11 @@ def test_compiled_step_matches_eager_and_its_checkpoint_resumes_eager(tmp_path, 
 
 def test_fsdp_with_one_process_trains_unsharded(tmp_path, caplog):
     """train.parallel=fsdp (the ViT-L preset's) in one process: nothing to shard, so the
-    run is the plain one, flat buffers included (tests/test_ddp.py runs it sharded)."""
+    run is the plain one, flat buffers and what sharding refuses included
+    (tests/test_ddp.py runs it sharded)."""
     with caplog.at_level("INFO", logger="ibot_fast"):
         trainer = Trainer(tiny_config(tmp_path, "train.parallel=fsdp", "train.stop_at_iter=1",
-                                      impl="fast"))
+                                      "optim.fuse_ema=true", impl="fast"))
     assert not trainer.sharded and trainer.flat_student is not None
     assert "train.parallel=fsdp with one process: nothing to shard" in caplog.text
     assert trainer.run()["iteration"] == 1

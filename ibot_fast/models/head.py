@@ -27,7 +27,10 @@ class WeightNormLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
 
     def weight(self) -> torch.Tensor:
-        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        """g v / ||v|| in fp32 at least (FSDP under bf16 hands over bf16 copies of g, v)."""
+        acc = torch.promote_types(self.weight_v.dtype, torch.float32)
+        v = self.weight_v.to(acc)
+        return self.weight_g.to(acc) * v / v.norm(dim=1, keepdim=True)
 
     def forward(self, x):
         return F.linear(x, self.weight().to(x.dtype))
