@@ -123,10 +123,14 @@ PATHS = {
     # label: overrides
     "reference (math)": ["train.impl=reference", "model.attention=math"],
     "reference (sdpa)": ["train.impl=reference", "model.attention=sdpa"],
+    # the official code under AMP keeps the residual stream in fp32 (model.residual_fp32)
+    "reference (math) fp32 residual": ["train.impl=reference", "model.attention=math",
+                                        "model.residual_fp32=true"],
     "fast": ["train.impl=fast"],
     "fast selective": ["train.impl=fast", "model.activation_checkpointing=selective"],
     "fast selective_mlp": ["train.impl=fast", "model.activation_checkpointing=selective_mlp"],
     "fast full": ["train.impl=fast", "model.activation_checkpointing=full"],
+    "fast fp32 residual": ["train.impl=fast", "model.residual_fp32=true"],
 }
 FAST = ["model.pack_crops=true", "model.efficient_drop_path=true", "loss.center2_from=masked",
         "masks.sampler=stratified"]

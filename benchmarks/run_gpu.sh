@@ -124,7 +124,8 @@ PY
         --results-name train_variants
     done ;;
   memory) step "peak memory counted op by op vs the allocator's (bench_memory)"
-    bench 200 bench_memory --models vit_small,vit_base --batch 8,16 ;;
+    bench 230 bench_memory --models vit_small,vit_base --batch 8,16 --paths \
+      "reference (math),reference (math) fp32 residual,reference (sdpa),fast,fast selective,fast selective_mlp,fast full" ;;
   train_data) step "full step fed by DALI (synthetic JPEGs decoded and augmented on the GPU)"
     bench 240 bench_train --impls fast --with-data --pipeline dali --workers 16 --no-phases \
       --results-name train_data ;;

@@ -28,6 +28,7 @@ class ModelConfig:
     efficient_drop_path: bool = False  # skip the dropped samples' residual branch (DINOv2)
     attention: str = "auto"  # auto | xformers | sdpa | math | varlen (models/attention.py)
     pack_crops: bool = False  # student: global + local crops in one packed pass
+    residual_fp32: bool = False  # autocast: fp32 residual stream (official iBOT under AMP)
     activation_checkpointing: str = "none"  # none|selective|selective_mlp|full (models/vit.py)
     out_dim: int = 8192  # K: prototypes of the CLS head (last_layer)
     patch_out_dim: int = 8192  # K2: prototypes of the patch head (last_layer2)

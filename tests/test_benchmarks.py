@@ -184,4 +184,7 @@ def test_bench_memory_smoke_orders_the_paths(results):
     assert per_img["fast full"] < per_img["fast selective_mlp"] < per_img["fast selective"] \
         < per_img["fast"]
     assert per_img["fast"] < per_img["reference (math)"]
+    # an fp32 residual stream keeps more (bf16 autocast)
+    assert per_img["fast fp32 residual"] > per_img["fast"]
+    assert per_img["reference (math) fp32 residual"] > per_img["reference (math)"]
     assert rows["fast"]["persistent_mib"] > 0

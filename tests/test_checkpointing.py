@@ -190,10 +190,40 @@ def test_checkpointing_under_bf16_autocast(mode, pack):
         torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl,mode", [("reference", "selective"), ("fast", "selective_mlp")])
-def test_trainer_step_with_checkpointing_in_bf16(tmp_path, impl, mode):
+@pytest.mark.parametrize("pack", [False, True])
+def test_checkpointing_with_fp32_residual_under_bf16(pack):
+    """model.residual_fp32: an fp32 stream meets bf16 branch outputs in every residual add
+    (efficient drop path's add_rows included); selective_mlp still equals keeping
+    everything, and the blocks' outputs are fp32."""
+    def run(m):
+        model = _model(m, "sdpa", pack, True, dtype=torch.float32)
+        model.residual_fp32 = True
+        dtypes = []
+        model.blocks[-1].register_forward_hook(lambda mod, i, o: dtypes.append(o.dtype))
+        g, masks, loc = _inputs(torch.float32)
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tg, tl = model.forward_crops(g, masks, loc)
+            loss = tg.float().square().mean() + tl.float().square().mean()
+        return tg, torch.autograd.grad(loss, list(model.parameters())), dtypes
+
+    plain_out, plain, dtypes = run("none")
+    assert dtypes and set(dtypes) == {torch.float32}
+    out, grads, _ = run("selective_mlp")
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
+    for a, b in zip(plain, grads):
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl,mode,extra", [
+    ("reference", "selective", ()),
+    ("fast", "selective_mlp", ()),
+    ("fast", "selective_mlp", ("model.residual_fp32=true", "model.pack_crops=true")),
+])
+def test_trainer_step_with_checkpointing_in_bf16(tmp_path, impl, mode, extra):
     """A training step of either path (two passes, bf16 autocast, stochastic depth) with
-    selective checkpointing gives the loss and student gradients of one without."""
+    selective checkpointing gives the loss and student gradients of one without; also
+    with the fp32 residual stream, packed."""
     from ibot_fast.train import Trainer
     from tests.test_train import tiny_config
 
@@ -202,7 +232,8 @@ def test_trainer_step_with_checkpointing_in_bf16(tmp_path, impl, mode):
         torch.manual_seed(0)
         trainer = Trainer(tiny_config(tmp_path / m, "train.precision=bf16",
                                       "train.device=cpu", "optim.freeze_last_layer=0",
-                                      f"model.activation_checkpointing={m}", impl=impl))
+                                      f"model.activation_checkpointing={m}", *extra,
+                                      impl=impl))
         trainer.loader.set_epoch(0)
         batch = next(iter(trainer.loader))
         torch.manual_seed(1)

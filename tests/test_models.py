@@ -99,3 +99,32 @@ def test_head_last_layers(shared, norm_last_layer):
     torch.testing.assert_close(head.features(torch.randn(3, 32)).norm(dim=-1), torch.ones(3))
     names = [n for n, _ in head.named_parameters()]
     assert ("last_layer2.weight_v" in names) == (not shared)
+
+
+def test_residual_fp32_keeps_the_stream_closer_to_fp64():
+    """Under bf16 autocast the residual stream runs in bf16 by default (DINOv2) and in
+    fp32 with residual_fp32 (the official code under AMP): every block's output is then
+    fp32, and the backbone's output and gradients are closer to an fp64 run."""
+    torch.manual_seed(0)
+    truth_model = vit("vit_demo", 32, 4).double()
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    w = torch.randn(128, dtype=torch.float64)
+    truth = truth_model(x)
+    truth_grad = torch.autograd.grad((truth * w).sum(), truth_model.pos_embed)[0]
+    errors = {}
+    for fp32 in (False, True):
+        model = vit("vit_demo", 32, 4, residual_fp32=fp32)
+        model.load_state_dict(truth_model.state_dict())
+        dtypes = []
+        for block in model.blocks:
+            block.register_forward_hook(lambda mod, i, o: dtypes.append(o.dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x.float())
+        grad = torch.autograd.grad((out.double() * w).sum(), model.pos_embed)[0]
+        assert set(dtypes) == {torch.float32 if fp32 else torch.bfloat16}
+        errors[fp32] = ((out.double() - truth).norm() / truth.norm(),
+                        (grad.double() - truth_grad).norm() / truth_grad.norm())
+    assert errors[True][0] < 0.7 * errors[False][0], errors
+    assert errors[True][1] <= errors[False][1], errors
+    student, teacher = build_student_teacher(build_config("demo", ["model.residual_fp32=true"]))
+    assert student.backbone.residual_fp32 and teacher.backbone.residual_fp32

@@ -274,7 +274,7 @@ class VisionTransformer(nn.Module):
                  depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0,
                  drop_path_rate: float = 0.0, attention_backend: str = "math",
                  efficient_drop_path: bool = False, pack_crops: bool = False,
-                 activation_checkpointing: str = "none"):
+                 activation_checkpointing: str = "none", residual_fp32: bool = False):
         super().__init__()
         if activation_checkpointing not in CHECKPOINTING:
             raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is "
@@ -297,6 +297,7 @@ class VisionTransformer(nn.Module):
             Block(dim, heads, mlp_ratio, rates[i], attention_backend, efficient_drop_path)
             for i in range(depth))
         self.pack_crops = pack_crops
+        self.residual_fp32 = residual_fp32
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self._init_weights()
 
@@ -333,9 +334,15 @@ class VisionTransformer(nn.Module):
         """Patch-embed, apply the mask token, prepend CLS, add position embeddings.
 
         mask: bool [B, h*w] (row-major patches) or None.
+        The tokens leave in the patch embedding's dtype (bf16 under bf16 autocast, so the
+        residual stream runs in bf16, as in DINOv2), or, with `residual_fp32`, in fp32 at
+        least: the official iBOT code under AMP, where adding the fp32 position embedding
+        promotes the stream and every block's residual add keeps it in fp32.
         """
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         x = self.patch_embed(x)
+        if self.residual_fp32:
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
         if mask is not None:
             # torch.where keeps the mask token in the graph even when nothing is masked,
             # so its gradient is always defined (DDP sees it used every step).
@@ -384,11 +391,12 @@ class VisionTransformer(nn.Module):
 
 def vit(arch: str, img_size: int, patch_size: int, drop_path_rate: float = 0.0,
         attention_backend: str = "math", efficient_drop_path: bool = False,
-        pack_crops: bool = False, activation_checkpointing: str = "none"
-        ) -> VisionTransformer:
+        pack_crops: bool = False, activation_checkpointing: str = "none",
+        residual_fp32: bool = False) -> VisionTransformer:
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
     return VisionTransformer(img_size=img_size, patch_size=patch_size,
                              drop_path_rate=drop_path_rate, attention_backend=attention_backend,
                              efficient_drop_path=efficient_drop_path, pack_crops=pack_crops,
-                             activation_checkpointing=activation_checkpointing, **ARCHS[arch])
+                             activation_checkpointing=activation_checkpointing,
+                             residual_fp32=residual_fp32, **ARCHS[arch])
