@@ -5,6 +5,7 @@ iteration, the resolved config, every process's RNG states and the run's counter
 """
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +29,30 @@ def save(path, state: dict) -> Path:
     return path
 
 
-def load(path, map_location="cpu") -> dict:
+def copy(src, dst) -> Path:
+    """Copy a written checkpoint to another name, atomically as `save`."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def load(path, map_location="cpu", mmap: bool = False) -> dict:
+    """The checkpoint's dict. mmap: tensors are read from the file as they are used, so
+    the processes of a multi-GPU resume do not each hold a whole copy in host memory;
+    not for tensors that stay on the CPU (they would keep the file mapped)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        # mmap: tensors are read from the file as they are used (each process of a
-        # multi-process resume would otherwise hold a whole copy in memory)
-        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and "mmap" in str(e)):
+                raise
+            # written without the zip format: no mmap
+            return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
 

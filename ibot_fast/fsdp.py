@@ -34,7 +34,8 @@ Not combined with it (a one-line error at start-up, `check_config`; in one proce
 `fsdp` shards nothing and they all work): the fused last layer (the loss reads the head's
 weight outside the head's forward, where FSDP has it sharded), `optim.fuse_ema` (flat
 buffers), apex's optimizers (their kernels want whole local tensors, and LAMB's trust
-ratio would be taken per shard) and fp16 (untested with FSDP2's gradient scaling).
+ratio would be taken per shard), fp16 (untested with FSDP2's gradient scaling) and, on
+the CPU only, `model.residual_fp32` in bf16.
 """
 import torch
 import torch.distributed as dist
@@ -44,7 +45,7 @@ from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
-def check_config(cfg, precision: str) -> None:
+def check_config(cfg, precision: str, device: torch.device) -> None:
     """One-line error for what does not combine with sharding (module docstring)."""
     from . import UserError
 
@@ -52,7 +53,10 @@ def check_config(cfg, precision: str) -> None:
                       "reads the head's weight, which FSDP keeps sharded)"),
                      (cfg.optim.fuse_ema, "optim.fuse_ema=true (it needs flat buffers)"),
                      (cfg.optim.name != "adamw", f"optim.name={cfg.optim.name} (use adamw)"),
-                     (precision == "fp16", "train.precision=fp16 (use bf16)")):
+                     (precision == "fp16", "train.precision=fp16 (use bf16)"),
+                     (cfg.model.residual_fp32 and precision == "bf16" and device.type == "cpu",
+                      "model.residual_fp32=true in bf16 on the CPU (CPU autocast runs "
+                      "LayerNorm with the bf16-gathered weights on the fp32 stream)")):
         if bad:
             raise UserError(f"train.parallel=fsdp does not combine with {why}; use "
                             "train.parallel=ddp or change that key")

@@ -130,7 +130,7 @@ class Trainer:
         student, teacher = build_student_teacher(cfg, backend)
         self.sharded = cfg.train.parallel == "fsdp" and self.world_size > 1
         if self.sharded:  # fully_shard moves each unit's shards to the device itself,
-            fsdp.check_config(cfg, self.precision)  # so no whole copy lands there
+            fsdp.check_config(cfg, self.precision, self.device)  # so no whole copy lands there
             self.student_module, self.teacher = student, teacher
         else:
             if cfg.train.parallel == "fsdp":
@@ -277,8 +277,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self.clip_gradients()
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
-        if self.world_size > 1 and self.cfg.optim.clip_grad <= 0:
-            # no global norm to agree on: every process skips if any process's loss is bad
+        if self.world_size > 1:  # every process skips if any process's loss is bad (one
+            # scalar on the device, no host sync; the norm alone agrees only when clipping)
             bad = dist.all_reduce_(bad.float(), op=torch.distributed.ReduceOp.MAX) > 0
         if self.fuse_ema:  # AdamW + EMA in one pass; clipping folded in as grad_scale
             self.optimizer.momentum, self.optimizer.frozen_last_layer = momentum, frozen
@@ -351,11 +351,12 @@ class Trainer:
                 signal.signal(sig, handler)
         if status == "epoch":
             status = "finished"
+        bad_images = self.total_bad_images()
         log.info("training %s at epoch %d, iteration %d (non-finite steps skipped: %d, "
                  "unreadable images skipped: %d)", status, self.epoch, self.iteration,
-                 int(self.nonfinite_total), self.n_bad_images)
+                 int(self.nonfinite_total), bad_images)
         return {"status": status, "epoch": self.epoch, "iteration": self.iteration,
-                "nonfinite": int(self.nonfinite_total), "bad_images": self.n_bad_images}
+                "nonfinite": int(self.nonfinite_total), "bad_images": bad_images}
 
     def train_epoch(self, bar) -> str:
         cfg = self.cfg
@@ -415,12 +416,9 @@ class Trainer:
             "nonfinite_total": int(self.nonfinite_total),
             "bad_images": self.n_bad_images,
         }
-        bad_images, read = self.n_bad_images, self.iteration * self.cfg.train.batch_size
-        if self.world_size > 1:  # over all processes, so that all of them decide alike
-            bad_images = int(dist.all_reduce_(torch.tensor(float(bad_images),
-                                                           device=self.device)))
-            read *= self.world_size
-            record["bad_images"] = bad_images
+        bad_images = self.total_bad_images()  # all processes decide alike
+        read = self.iteration * self.derived["global_batch"]
+        record["bad_images"] = bad_images
         if self.device.type == "cuda":
             record["mem_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.json_log.write(record)
@@ -438,6 +436,13 @@ class Trainer:
                 "use train.precision=bf16/fp32")
         self.nonfinite_max_run.zero_()
         return record
+
+    def total_bad_images(self) -> int:
+        """Unreadable images skipped by all processes (each counts its own; a resumed
+        run restores the total on rank 0). Every process must call it."""
+        if self.world_size == 1:
+            return self.n_bad_images
+        return int(dist.all_reduce_(torch.tensor(float(self.n_bad_images), device=self.device)))
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGTERM:
@@ -506,7 +511,7 @@ class Trainer:
             "rng": dist.all_gather_object(checkpoint.rng_state()),
             "counters": {"nonfinite_total": int(self.nonfinite_total),
                          "nonfinite_run": int(self.nonfinite_run),
-                         "bad_images": self.n_bad_images},
+                         "bad_images": self.total_bad_images()},
         }
 
     def save(self, also: str = None):
@@ -516,12 +521,13 @@ class Trainer:
         if self.is_main:
             path = checkpoint.save(self.out_dir / "checkpoint.pth", state)
             if also:
-                checkpoint.save(self.out_dir / also, state)
+                checkpoint.copy(path, self.out_dir / also)
             log.info("checkpoint: %s (epoch %d, iteration %d)", path, self.epoch, self.iteration)
         dist.barrier()
 
     def load(self, path: Path):
-        ckpt = checkpoint.load(path)
+        # mmap where the tensors go to a GPU (a CPU run would keep the file mapped)
+        ckpt = checkpoint.load(path, mmap=self.device.type != "cpu")
         checkpoint.check_compatible(ckpt, to_dict(self.cfg), path)
         if self.sharded:  # every process holds the whole checkpoint, keeps its shards
             fsdp.load_full_state_dict(self.student_module, ckpt["student"])
@@ -543,7 +549,7 @@ class Trainer:
         counters = ckpt.get("counters", {})
         self.nonfinite_total.fill_(counters.get("nonfinite_total", 0))
         self.nonfinite_run.fill_(counters.get("nonfinite_run", 0))
-        self.n_bad_images = counters.get("bad_images", 0)
+        self.n_bad_images = counters.get("bad_images", 0) if self.is_main else 0
         log.info("resumed from %s at epoch %d, iteration %d", path, self.epoch, self.iteration)
 
     def _write_config(self):

@@ -4,14 +4,17 @@
 usage: torchrun --nproc_per_node=2 tests/ddp_worker.py OUT_DIR [--resume] [--knn] key=value ...
 
 --resume continues from OUT_DIR/checkpoint.pth; --knn runs the trainer's k-NN evaluation
-after training (it writes to OUT_DIR/log.jsonl).
+after training (it writes to OUT_DIR/log.jsonl). Faults on rank 1 only, to check that
+every process decides alike: --nan-on-rank1 makes its loss NaN at iteration 1;
+--bad-on-rank1 reports 4 unreadable images per batch there. A UserError is written to
+OUT_DIR/error{rank}.txt instead of a traceback.
 """
 import os
 import sys
 
 import torch
 
-from ibot_fast import fsdp
+from ibot_fast import UserError, fsdp
 from ibot_fast.config import build_config
 from ibot_fast.train import Trainer
 
@@ -23,19 +26,61 @@ def main():
     torch.set_num_threads(1)
     cfg = build_config("demo", [f"train.output_dir={out_dir}", *overrides])
     trainer = Trainer(cfg, resume="auto" if "--resume" in flags else None)
-    trainer.run()
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 1:
+        inject_faults(trainer, flags)
+    try:
+        trainer.run()
+    except UserError as e:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(str(e))
+        return
     trainer.loss.finish_center_update()
     if "--knn" in flags:
         trainer.evaluate_knn()
-    rank = int(os.environ.get("RANK", "0"))
     state = trainer.network_state_dicts()  # every rank gathers; FSDP: rank 0 gets them
     if rank == 0 or not trainer.sharded:
         torch.save({"teacher": state["teacher"], "student": state["student"],
                     "center": trainer.loss.center, "center2": trainer.loss.center2,
-                    "sharded": trainer.sharded,
+                    "sharded": trainer.sharded, "nonfinite": int(trainer.nonfinite_total),
                     "local_numel": sum(fsdp.local(p).numel()
                                        for p in trainer.student_module.parameters())},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+class BadReads:
+    """The trainer's loader, every batch reporting 4 unreadable images."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield {**batch, "n_bad": 4}
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+def inject_faults(trainer, flags):
+    if "--bad-on-rank1" in flags:
+        trainer.loader = BadReads(trainer.loader)
+    step = trainer.train_step
+
+    def faulty_step(batch, it, epoch):
+        if "--nan-on-rank1" in flags and it == 1:
+            forward = trainer.forward_masked if trainer.fast else trainer.forward_full
+
+            def nan_loss(*args, **kwargs):
+                losses = forward(*args, **kwargs)
+                return {**losses, "loss": losses["loss"] * float("nan")}
+            trainer.forward_masked = trainer.forward_full = nan_loss
+            try:
+                return step(batch, it, epoch)
+            finally:
+                del trainer.forward_masked, trainer.forward_full
+        return step(batch, it, epoch)
+    trainer.train_step = faulty_step
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from ibot_fast import UserError
 from ibot_fast.config import (PRESETS, Config, all_keys, build_config, derived, from_dict,
@@ -60,6 +61,7 @@ def test_bad_overrides_are_one_line_errors(overrides, message):
     (["optim.fuse_ema=true"], "optim.fuse_ema=true"),
     (["optim.name=apex_lamb"], "optim.name=apex_lamb"),
     (["train.precision=fp16"], "train.precision=fp16"),
+    (["model.residual_fp32=true", "train.precision=bf16"], "model.residual_fp32=true"),
 ])
 def test_what_fsdp_refuses_is_a_one_line_error(overrides, message):
     """Checked when the trainer shards (several processes): in one process `fsdp` shards
@@ -69,7 +71,7 @@ def test_what_fsdp_refuses_is_a_one_line_error(overrides, message):
     cfg = build_config("demo", ["train.parallel=fsdp", *overrides])  # valid as a config
     with pytest.raises(UserError, match="train.parallel=fsdp does not combine with " +
                        message.replace("[", r"\[")) as e:
-        check_config(cfg, cfg.train.precision)
+        check_config(cfg, cfg.train.precision, torch.device("cpu"))
     assert "\n" not in str(e.value)
 
 

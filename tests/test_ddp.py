@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,16 +25,25 @@ COMMON = ["data.source=synthetic", "data.synthetic_size=32", "data.num_workers=0
 FSDP = ["train.parallel=fsdp"]
 
 
-def torchrun(out_dir: Path, *args) -> dict:
-    """Two worker processes; returns rank 0's saved networks and centers."""
+def torchrun(out_dir: Path, *args, timeout=300) -> dict:
+    """Two worker processes; returns rank 0's saved networks and centers (None if it
+    saved nothing). A hang (processes out of step) kills them all after `timeout`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
     worker = Path(__file__).parent / "ddp_worker.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
            str(worker), str(out_dir), "train.batch_size=4", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out_dir / "rank0.pt")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the processes hung for {timeout} s: {stderr[-2000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    path = out_dir / "rank0.pt"
+    return torch.load(path) if path.exists() else None
 
 
 def run_single(out_dir: Path, overrides, resume=None) -> Trainer:
@@ -139,6 +149,31 @@ def test_fsdp_equals_ddp_with_drop_path_over_an_epoch_end(tmp_path):
     for run in ("ddp", "fsdp"):  # 4 iterations per epoch
         kept = checkpoint.load(tmp_path / run / "checkpoint0001.pth")
         assert kept["epoch"] == 1 and kept["iteration"] == 4
+
+
+@pytest.mark.parametrize("extra", [["optim.clip_grad=0"], FSDP])
+def test_a_nan_loss_on_one_process_is_skipped_by_all(tmp_path, extra):
+    """Rank 1's loss is NaN at iteration 1: both processes skip that step (without
+    clipping no gradient norm carries the verdict; under FSDP the skip verdict is the
+    only thing that keeps the shards' updates together) and stay finite and alike."""
+    saved = torchrun(tmp_path / "run", *COMMON, "train.impl=fast", *extra, "--nan-on-rank1")
+    assert saved["nonfinite"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["student"].values())
+    if not saved["sharded"]:
+        other = torch.load(tmp_path / "run" / "rank1.pt")
+        assert other["nonfinite"] == 1
+        for key in saved["student"]:
+            assert torch.equal(saved["student"][key], other["student"][key]), key
+
+
+def test_unreadable_images_on_one_process_stop_all(tmp_path):
+    """Rank 1 alone reports unreadable images: the abort is decided on the count over
+    all processes, so both stop with the one-line error (and save together first)."""
+    torchrun(tmp_path / "run", *COMMON, "train.impl=fast", "--bad-on-rank1", timeout=120)
+    errors = [(tmp_path / "run" / f"error{r}.txt").read_text() for r in range(2)]
+    assert all("image reads failed" in e for e in errors), errors
+    assert errors[0] == errors[1]
+    assert (tmp_path / "run" / "checkpoint.pth").exists()
 
 
 def test_fsdp_checkpoint_resumes_anywhere_and_knn(tmp_path):

@@ -100,6 +100,14 @@ def test_checkpoint_contents_and_config(tmp_path):
     assert ckpt["iteration"] == 2 and "center" in ckpt["loss"]
     assert (tmp_path / "config.json").exists() and (tmp_path / "log.jsonl").exists()
     assert not list(tmp_path.glob(".*.tmp*"))  # the atomic write left no temporary file
+    # memory-mapped loading (multi-GPU resumes) reads the same; a file in torch's old
+    # (non-zip) format, which cannot be mapped, still loads
+    mapped = checkpoint.load(tmp_path / "checkpoint.pth", mmap=True)
+    for key, value in ckpt["student"].items():
+        assert torch.equal(mapped["student"][key], value)
+    torch.save(ckpt, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    old = checkpoint.load(tmp_path / "old.pth", mmap=True)
+    assert old["iteration"] == 2 and torch.equal(old["loss"]["center"], ckpt["loss"]["center"])
 
 
 def test_resume_other_architecture_is_one_line_error(tmp_path):
