@@ -67,3 +67,16 @@ def test_demo_beats_random_init(tmp_path, capsys, twins):
     with Image.open(attention) as img:
         assert img.size == attention_figure_size(ARCHS[cfg.model.arch]["heads"])
     assert Image.open(digit).size == (32, 32)
+
+
+def test_demo_command_end_to_end_short(tmp_path, capsys):
+    """`ibot-fast demo` (what `make demo` runs), cut to two steps: it trains, scores the
+    random and the trained teacher with k-NN, and prints both with the output paths."""
+    from ibot_fast.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(out), "train.stop_at_iter=2", "train.log_every=1",
+                 "data.num_workers=0", "train.device=cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "random init" in printed and "iBOT teacher" in printed and "k=20" in printed
+    assert (out / "checkpoint.pth").exists() and (out / "log.jsonl").exists()
