@@ -442,7 +442,7 @@ class Trainer:
         run restores the total on rank 0). Every process must call it."""
         if self.world_size == 1:
             return self.n_bad_images
-        return int(dist.all_reduce_(torch.tensor(float(self.n_bad_images), device=self.device)))
+        return int(dist.all_reduce_(torch.tensor(self.n_bad_images, device=self.device)))
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGTERM:
@@ -526,8 +526,7 @@ class Trainer:
         dist.barrier()
 
     def load(self, path: Path):
-        # mmap where the tensors go to a GPU (a CPU run would keep the file mapped)
-        ckpt = checkpoint.load(path, mmap=self.device.type != "cpu")
+        ckpt = checkpoint.load(path, mmap=True)  # no whole copy per process in host memory
         checkpoint.check_compatible(ckpt, to_dict(self.cfg), path)
         if self.sharded:  # every process holds the whole checkpoint, keeps its shards
             fsdp.load_full_state_dict(self.student_module, ckpt["student"])
@@ -537,6 +536,12 @@ class Trainer:
             self.student_module.load_state_dict(ckpt["student"])
             self.teacher.load_state_dict(ckpt["teacher"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
+        # what stays on the CPU (optimizer steps; every moment of a CPU run) would still
+        # read the mapped file, keeping it on disk after the next save replaces it
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.device.type == "cpu":
+                    state[key] = value.clone()
         self.loss.load_state_dict(ckpt["loss"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])

@@ -1,4 +1,6 @@
 """Weighted k-NN (DINO's protocol) against a loop, and the demo run against random init."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,3 +82,5 @@ def test_demo_command_end_to_end_short(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "random init" in printed and "iBOT teacher" in printed and "k=20" in printed
     assert (out / "checkpoint.pth").exists() and (out / "log.jsonl").exists()
+    pictures = next(line for line in printed.splitlines() if line.startswith("pictures:"))
+    assert all(Path(p).is_file() for p in pictures.split()[1:])

@@ -324,3 +324,16 @@ def test_fsdp_with_one_process_trains_unsharded(tmp_path, caplog):
     assert not trainer.sharded and trainer.flat_student is not None
     assert "train.parallel=fsdp with one process: nothing to shard" in caplog.text
     assert trainer.run()["iteration"] == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_resume_leaves_no_checkpoint_file_mapped(tmp_path):
+    """Checkpoints are loaded memory-mapped; what stays on the CPU after the load (here
+    every optimizer moment) is copied out, so once the next save replaces the file no
+    mapping keeps the old one alive on disk."""
+    run(tiny_config(tmp_path, "train.stop_at_iter=2"))
+    trainer = Trainer(tiny_config(tmp_path, "train.stop_at_iter=4"), resume="auto")
+    trainer.run()
+    assert trainer.optimizer.state  # moments were loaded
+    maps = open("/proc/self/maps").read()
+    assert f"{tmp_path / 'checkpoint.pth'} (deleted)" not in maps
