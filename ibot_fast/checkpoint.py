@@ -41,7 +41,8 @@ def copy(src, dst) -> Path:
 def load(path, map_location="cpu", mmap: bool = False) -> dict:
     """The checkpoint's dict. mmap: tensors are read from the file as they are used, so
     the processes of a multi-GPU resume do not each hold a whole copy in host memory;
-    not for tensors that stay on the CPU (they would keep the file mapped)."""
+    a tensor kept on the CPU then keeps the file mapped until it is copied (as
+    `Trainer.load` does)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")

@@ -89,6 +89,7 @@ def export(checkpoint_path, out, which: str = "teacher") -> tuple:
     from . import checkpoint
     from .config import from_dict
     from .data.cpu import MEAN, STD
+    from .models import backbone_state_dict
 
     out = Path(out)
     fmt = {".safetensors": "safetensors", ".pth": "pth", ".pt": "pth"}.get(out.suffix.lower())
@@ -98,9 +99,7 @@ def export(checkpoint_path, out, which: str = "teacher") -> tuple:
     if "config" not in ckpt or which not in ckpt:
         raise UserError(f"{checkpoint_path} is not an ibot_fast training checkpoint")
     cfg = from_dict(ckpt["config"])
-    prefix = "backbone."
-    backbone = {k[len(prefix):]: v for k, v in ckpt[which].items() if k.startswith(prefix)}
-    state = to_timm_state_dict(backbone)
+    state = to_timm_state_dict(backbone_state_dict(ckpt[which]))
     name, kwargs = timm_spec(cfg)
     meta = {"timm_model": name, "timm_kwargs": kwargs, "mean": list(MEAN), "std": list(STD),
             "source": {"checkpoint": str(checkpoint_path), "which": which,

@@ -38,7 +38,8 @@ from .logger import JsonLog, ProgressBar, setup_logging
 from .flat import FlatParams, ema_flat_
 from .loss import build_loss
 from .masking import buffer_rows, sampler_from_config
-from .models import ARCHS, MaskedRows, build_backbone, build_student_teacher
+from .models import (ARCHS, MaskedRows, backbone_state_dict, build_backbone,
+                     build_student_teacher)
 from .models.attention import resolve_backend
 from .optim import (AdamWEMA, build_optimizer, cancel_last_layer_grads, clip_gradients,
                     ema_loop_, flat_group, last_layer_params, param_groups,
@@ -129,8 +130,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same initial weights on every process
         student, teacher = build_student_teacher(cfg, backend)
         self.sharded = cfg.train.parallel == "fsdp" and self.world_size > 1
-        if self.sharded:  # fully_shard moves each unit's shards to the device itself,
-            fsdp.check_config(cfg, self.precision, self.device)  # so no whole copy lands there
+        if self.sharded:
+            fsdp.check_config(cfg, self.precision, self.device)
+            # not moved here: fully_shard moves each unit's shards to the device, so no
+            # whole copy of a network lands there
             self.student_module, self.teacher = student, teacher
         else:
             if cfg.train.parallel == "fsdp":
@@ -414,11 +417,9 @@ class Trainer:
             "teacher_patch_temp": self.loss.teacher_patch_temp(self.epoch),
             "img_per_s": iters_per_s * self.derived["global_batch"],
             "nonfinite_total": int(self.nonfinite_total),
-            "bad_images": self.n_bad_images,
+            "bad_images": self.total_bad_images(),  # all processes: they decide alike
         }
-        bad_images = self.total_bad_images()  # all processes decide alike
-        read = self.iteration * self.derived["global_batch"]
-        record["bad_images"] = bad_images
+        bad_images, read = record["bad_images"], self.iteration * self.derived["global_batch"]
         if self.device.type == "cuda":
             record["mem_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.json_log.write(record)
@@ -471,8 +472,7 @@ class Trainer:
         if not self.is_main:
             return None
         backbone = build_backbone(self.cfg, attention_backend=self.backend)
-        backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items()
-                                  if k.startswith("backbone.")})
+        backbone.load_state_dict(backbone_state_dict(state))
         return backbone.to(self.device)
 
     def evaluate_knn(self):

@@ -152,17 +152,15 @@ def load_backbone(path, which: str = "teacher"):
     """(config, backbone) from an ibot_fast checkpoint; which = teacher | student."""
     from .. import checkpoint
     from ..config import from_dict
-    from ..models import build_backbone
+    from ..models import backbone_state_dict, build_backbone
 
     ckpt = checkpoint.load(path)
     if "config" not in ckpt or which not in ckpt:
         raise UserError(f"{path} is not an ibot_fast training checkpoint")
     cfg = from_dict(ckpt["config"])
     backbone = build_backbone(cfg)
-    prefix = "backbone."
-    state = {k[len(prefix):]: v for k, v in ckpt[which].items() if k.startswith(prefix)}
     try:
-        backbone.load_state_dict(state)
+        backbone.load_state_dict(backbone_state_dict(ckpt[which]))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path}: the {which} weights do not fit its own config "

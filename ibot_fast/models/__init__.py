@@ -128,6 +128,12 @@ class IBOTNet(nn.Module):
         return cls, patch, patch_sum
 
 
+def backbone_state_dict(net_state: dict) -> dict:
+    """The backbone's entries of an IBOTNet state dict, without the `backbone.` prefix."""
+    prefix = "backbone."
+    return {k[len(prefix):]: v for k, v in net_state.items() if k.startswith(prefix)}
+
+
 def gather_masked(tokens, index, out_rows):
     """`ibot_fast.kernels.gather_masked`, imported on first use (Triton is not needed to
     import the models: the reference path and CPU-only machines without it still work)."""
