@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from ibot_fast import UserError, fsdp
+from ibot_fast import UserError, dist, fsdp
 from ibot_fast.config import build_config
 from ibot_fast.train import Trainer
 
@@ -84,4 +84,7 @@ def inject_faults(trainer, flags):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # as ibot_fast.train.main: without it gloo's threads could abort at exit
+        dist.destroy()
