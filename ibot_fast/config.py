@@ -117,6 +117,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     parallel: str = "ddp"  # several processes: ddp (whole copies) | fsdp (FSDP2: sharded)
     fsdp_reshard_after_forward: bool = True  # fsdp: regather weights in backward (ZeRO-3)
+    fsdp_shard_size: int = 0  # fsdp: shard within groups of N processes (HSDP); 0 = all
 
 
 @dataclass
@@ -318,6 +319,9 @@ def validate(cfg: Config) -> None:
     if cfg.loss.fused_last_layer and cfg.loss.centering != "center":
         raise UserError("loss.fused_last_layer=true computes the teacher logits on chip and "
                         "needs loss.centering=center")
+    if cfg.train.fsdp_shard_size and cfg.train.parallel != "fsdp":
+        raise UserError("train.fsdp_shard_size is for train.parallel=fsdp (HSDP); add "
+                        "train.parallel=fsdp or drop the key")
     if cfg.data.n_local < 0 or cfg.train.batch_size < 1 or cfg.train.epochs < 1:
         raise UserError("data.n_local must be >= 0, train.batch_size and train.epochs >= 1")
 

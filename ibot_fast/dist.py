@@ -2,7 +2,9 @@
 
 Single process: nothing is initialised and every helper degrades to the trivial answer.
 """
+import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -68,3 +70,26 @@ def all_gather_object(obj):
 def destroy():
     if is_initialized():
         dist.destroy_process_group()
+
+
+def end(exit_code: int) -> int:
+    """The last call of a process's entry point: destroy the process groups; when several
+    processes ran, leave at once with `os._exit(exit_code)` (stdio and logs flushed),
+    else return `exit_code`.
+
+    Why not return: destroying the groups does not stop gloo's worker threads (they stop
+    when the C++ process group is freed, at interpreter shutdown). A worker that has just
+    finished the last all-gather then drops its tensors' Python references; if that
+    happens while the interpreter is finalizing, taking the GIL ends the thread inside a
+    C++ destructor and the process aborts ("terminate called without an active
+    exception", SIGABRT, after every checkpoint was written: caught in a core dump,
+    4 runs in 37 on a loaded 2-core machine). Skipping the finalization removes the race.
+    """
+    several = is_initialized() and dist.get_world_size() > 1
+    destroy()
+    if not several:
+        return exit_code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -24,8 +24,15 @@ How it is laid out:
   + autocast except that LayerNorm weights, biases, the tokens and the head's g and v
   are read rounded to bf16 (as in DINOv2's FSDP set-up; g v / ||v|| is still computed
   in fp32).
+- `train.fsdp_shard_size=S` (HSDP, for several nodes): the processes form groups of S
+  consecutive ranks (torchrun numbers a node's processes consecutively, so S = processes
+  per node keeps each group on one node). Each group holds one sharded copy; the groups
+  are replicas of each other. All-gathers and reduce-scatters stay inside a group (on
+  the node's fast links); between nodes only the gradient shards are all-reduced, once
+  per step, as DDP does. Per process, parameter state is 20 x P / S. 0 (the default)
+  shards over all processes.
 - Gradient clipping and the teacher EMA work on the local shards (`local`): one
-  all-reduce of the squared norms for clipping, none for the EMA.
+  all-reduce of the squared norms over a shard group for clipping, none for the EMA.
 - Checkpoints hold full, unsharded tensors in the same format as a DDP run's (the
   optimizer state keyed by parameter index, as torch's AdamW writes it), so a run can
   move between DDP and FSDP, and between process counts, when it resumes.
@@ -45,10 +52,15 @@ from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
-def check_config(cfg, precision: str, device: torch.device) -> None:
-    """One-line error for what does not combine with sharding (module docstring)."""
+def check_config(cfg, precision: str, device: torch.device, world_size: int) -> None:
+    """One-line error for what does not combine with sharding (module docstring), or for
+    a shard size that does not divide the processes."""
     from . import UserError
 
+    size = cfg.train.fsdp_shard_size
+    if size < 0 or size > world_size or (size and world_size % size):
+        raise UserError(f"train.fsdp_shard_size={size} must divide the {world_size} "
+                        "processes (e.g. the processes per node), or be 0 for all of them")
     for bad, why in ((cfg.loss.fused_last_layer, "loss.fused_last_layer=true (the loss "
                       "reads the head's weight, which FSDP keeps sharded)"),
                      (cfg.optim.fuse_ema, "optim.fuse_ema=true (it needs flat buffers)"),
@@ -62,11 +74,21 @@ def check_config(cfg, precision: str, device: torch.device) -> None:
                             "train.parallel=ddp or change that key")
 
 
-def shard_networks(student, teacher, device: torch.device, param_dtype=None,
+def build_mesh(device: torch.device, shard_size: int = 0):
+    """The processes as a 1-D mesh (shard over all), or with `shard_size` (HSDP) a 2-D
+    mesh ("replicate", "shard") whose rows are groups of `shard_size` consecutive ranks."""
+    world = dist.get_world_size()
+    if not shard_size or shard_size == world:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (world // shard_size, shard_size),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def shard_networks(student, teacher, mesh, param_dtype=None,
                    reshard_after_forward: bool = True) -> None:
     """fully_shard each block, then the whole network, for the student and the teacher
-    (in place). `param_dtype`: the dtype weights are gathered in (None: as stored)."""
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    (in place), over `mesh` (`build_mesh`: 2-D is HSDP). `param_dtype`: the dtype weights
+    are gathered in (None: as stored)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype,
                                   reduce_dtype=torch.float32 if param_dtype else None,
                                   cast_forward_inputs=False)  # autocast picks op dtypes
@@ -88,16 +110,19 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 # -- clipping and EMA on the shards --------------------------------------------------------
 
-def clip_gradients_sharded(params, max_norm: float, mode: str = "global") -> torch.Tensor:
+def clip_gradients_sharded(params, max_norm: float, mode: str = "global",
+                           mesh=None) -> torch.Tensor:
     """`optim.clip_gradients` for sharded parameters: the squared norms of the local
-    shards, summed over processes in one all-reduce, give each parameter's full norm.
-    Returns the total norm (a device tensor, no host sync)."""
+    shards, summed over one shard group in one all-reduce, give each parameter's full
+    norm (`mesh`'s "shard" dimension; under HSDP the other groups hold the same shards,
+    and summing over them too would count every shard once per group). Returns the total
+    norm (a device tensor, no host sync)."""
     params = [p for p in params if p.grad is not None]
     if not params:
         return torch.zeros(())
     grads = [local(p.grad) for p in params]
     squares = torch.stack([n.float() ** 2 for n in torch._foreach_norm(grads)])
-    dist.all_reduce(squares)
+    dist.all_reduce(squares, group=mesh.get_group("shard") if mesh is not None else None)
     if mode == "global":
         total = squares.sum().sqrt()
         torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))

@@ -11,7 +11,9 @@ One node, 8 GPUs (DDP over NCCL; gloo when run on CPUs):
         --data /data/imagenet --output-dir runs/vits16
 
 FSDP2 instead of DDP (student, teacher, gradients and AdamW state sharded; ibot_fast/fsdp.py):
-add `train.parallel=fsdp` (the vit_large_16_paper preset's choice).
+add `train.parallel=fsdp` (the vit_large_16_paper preset's choice). On several nodes add
+`train.fsdp_shard_size=<processes per node>` too (HSDP): shards within each node, replicas
+across nodes.
 
 Several nodes: add `--nnodes N --node_rank R --master_addr HOST --master_port PORT` to
 torchrun on each node. Any config key can be overridden as `key=value` (see
@@ -105,6 +107,7 @@ class Trainer:
         self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.device)
         self.nonfinite_run = torch.zeros_like(self.nonfinite_total)
         self.nonfinite_max_run = torch.zeros_like(self.nonfinite_total)
+        self.grad_norm = torch.zeros((), device=self.device)  # last step's, before clipping
         self.n_bad_images = 0
         self.stop_requested = False  # SIGTERM: checkpoint, then exit
         self.save_requested = False  # SIGUSR1: checkpoint, then go on
@@ -114,10 +117,15 @@ class Trainer:
         log.info("iBOT %s: %s, %d process(es)%s, device %s, precision %s, attention %s, "
                  "global batch %d, lr %.3g, %d iterations/epoch",
                  cfg.train.impl, cfg.model.arch, self.world_size,
-                 " (FSDP)" if self.sharded else " (DDP)" if self.world_size > 1 else "",
+                 self._parallel_name(),
                  self.device, self.precision,
                  backend, self.derived["global_batch"], self.derived["lr"],
                  self.iters_per_epoch)
+
+    def _parallel_name(self) -> str:
+        if self.mesh is not None and self.mesh.ndim == 2:
+            return " (HSDP: %d replicas of %d shards)" % tuple(self.mesh.shape)
+        return " (FSDP)" if self.sharded else " (DDP)" if self.world_size > 1 else ""
 
     def _build_networks(self) -> str:
         """Student (DDP-wrapped or FSDP-sharded across processes) and teacher; returns the
@@ -131,7 +139,7 @@ class Trainer:
         student, teacher = build_student_teacher(cfg, backend)
         self.sharded = cfg.train.parallel == "fsdp" and self.world_size > 1
         if self.sharded:
-            fsdp.check_config(cfg, self.precision, self.device)
+            fsdp.check_config(cfg, self.precision, self.device, self.world_size)
             # not moved here: fully_shard moves each unit's shards to the device, so no
             # whole copy of a network lands there
             self.student_module, self.teacher = student, teacher
@@ -146,8 +154,10 @@ class Trainer:
             self.flat_student = FlatParams(self.student_module, flat_group)
             self.flat_teacher = FlatParams(self.teacher, like=self.flat_student, grads=False)
         self.student = self.student_module
+        self.mesh = None
         if self.sharded:  # in place: the parameters become DTensor shards
-            fsdp.shard_networks(self.student_module, self.teacher, self.device,
+            self.mesh = fsdp.build_mesh(self.device, cfg.train.fsdp_shard_size)
+            fsdp.shard_networks(self.student_module, self.teacher, self.mesh,
                                 param_dtype=torch.bfloat16 if self.precision == "bf16" else None,
                                 reshard_after_forward=cfg.train.fsdp_reshard_after_forward)
         elif self.world_size > 1:
@@ -278,7 +288,7 @@ class Trainer:
             cancel_last_layer_grads(self.last_layer)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = self.clip_gradients()
+        grad_norm = self.grad_norm = self.clip_gradients()
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
         if self.world_size > 1:  # every process skips if any process's loss is bad (one
             # scalar on the device, no host sync; the norm alone agrees only when clipping)
@@ -310,7 +320,8 @@ class Trainer:
         if o.clip_grad <= 0:
             return torch.zeros((), device=self.device)
         if self.sharded:
-            return fsdp.clip_gradients_sharded(self.student_params, o.clip_grad, o.clip_mode)
+            return fsdp.clip_gradients_sharded(self.student_params, o.clip_grad, o.clip_mode,
+                                               self.mesh)
         if self.flat_student is None or o.clip_mode != "global":
             return clip_gradients(self.student_params, o.clip_grad, o.clip_mode)
         grads = list(self.flat_student.grad.values())
@@ -417,6 +428,7 @@ class Trainer:
             "teacher_patch_temp": self.loss.teacher_patch_temp(self.epoch),
             "img_per_s": iters_per_s * self.derived["global_batch"],
             "nonfinite_total": int(self.nonfinite_total),
+            **({"grad_norm": float(self.grad_norm)} if self.cfg.optim.clip_grad > 0 else {}),
             "bad_images": self.total_bad_images(),  # all processes: they decide alike
         }
         bad_images, read = record["bad_images"], self.iteration * self.derived["global_batch"]
@@ -580,12 +592,14 @@ def main(argv=None):
     try:
         cfg = config_from_args(args)
         result = train(cfg, args.resume)
+        code = 0 if result["status"] in ("finished", "stopped", "preempted") else 1
     except UserError as e:
         print(f"ibot-fast: error: {e}", file=sys.stderr)
-        return 2
-    finally:
+        code = 2
+    except BaseException:
         dist.destroy()
-    return 0 if result["status"] in ("finished", "stopped", "preempted") else 1
+        raise
+    return dist.end(code)
 
 
 if __name__ == "__main__":

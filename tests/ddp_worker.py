@@ -38,6 +38,10 @@ def main():
     trainer.loss.finish_center_update()
     if "--knn" in flags:
         trainer.evaluate_knn()
+    if trainer.sharded:  # this process's shards, to compare HSDP's replicas
+        torch.save({n: fsdp.local(p).detach() for n, p in
+                    trainer.student_module.named_parameters()},
+                   os.path.join(out_dir, f"local{rank}.pt"))
     state = trainer.network_state_dicts()  # every rank gathers; FSDP: rank 0 gets them
     if rank == 0 or not trainer.sharded:
         torch.save({"teacher": state["teacher"], "student": state["student"],
@@ -86,5 +90,7 @@ def inject_faults(trainer, flags):
 if __name__ == "__main__":
     try:
         main()
-    finally:  # as ibot_fast.train.main: without it gloo's threads could abort at exit
+    except BaseException:
         dist.destroy()
+        raise
+    dist.end(0)  # as ibot_fast.train.main (dist.end says why)

@@ -71,8 +71,24 @@ def test_what_fsdp_refuses_is_a_one_line_error(overrides, message):
     cfg = build_config("demo", ["train.parallel=fsdp", *overrides])  # valid as a config
     with pytest.raises(UserError, match="train.parallel=fsdp does not combine with " +
                        message.replace("[", r"\[")) as e:
-        check_config(cfg, cfg.train.precision, torch.device("cpu"))
+        check_config(cfg, cfg.train.precision, torch.device("cpu"), world_size=2)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("size,world", [(3, 4), (8, 4), (-1, 4)])
+def test_an_fsdp_shard_size_must_divide_the_processes(size, world):
+    from ibot_fast.fsdp import check_config
+
+    cfg = build_config("demo", ["train.parallel=fsdp", f"train.fsdp_shard_size={size}"])
+    with pytest.raises(UserError, match=f"train.fsdp_shard_size={size} must divide the "
+                       f"{world} processes"):
+        check_config(cfg, "fp32", torch.device("cpu"), world_size=world)
+    for good in (0, 1, 2, 4):
+        check_config(build_config("demo", ["train.parallel=fsdp",
+                                           f"train.fsdp_shard_size={good}"]), "fp32",
+                     torch.device("cpu"), world_size=world)
+    with pytest.raises(UserError, match="train.fsdp_shard_size is for train.parallel=fsdp"):
+        build_config("demo", ["train.fsdp_shard_size=2"])
 
 
 def test_unknown_preset():

@@ -25,14 +25,11 @@ COMMON = ["data.source=synthetic", "data.synthetic_size=32", "data.num_workers=0
 FSDP = ["train.parallel=fsdp"]
 
 
-def torchrun(out_dir: Path, *args, timeout=300) -> dict:
-    """Two worker processes; returns rank 0's saved networks and centers (None if it
-    saved nothing). A hang (processes out of step) kills them all after `timeout`."""
+def launch(nproc: int, *args, timeout=300) -> subprocess.CompletedProcess:
+    """torchrun with `nproc` CPU processes; kills them all after `timeout` (a hang)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
-    worker = Path(__file__).parent / "ddp_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
-           str(worker), str(out_dir), "train.batch_size=4", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -41,7 +38,17 @@ def torchrun(out_dir: Path, *args, timeout=300) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
         stdout, stderr = proc.communicate()
         pytest.fail(f"the processes hung for {timeout} s: {stderr[-2000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def torchrun(out_dir: Path, *args, timeout=300, nproc=2) -> dict:
+    """`nproc` worker processes, a global batch of 8; returns rank 0's saved networks and
+    centers (None if it saved nothing). A hang (processes out of step) kills them all
+    after `timeout`."""
+    worker = Path(__file__).parent / "ddp_worker.py"
+    proc = launch(nproc, str(worker), str(out_dir), f"train.batch_size={8 // nproc}", *args,
+                  timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     path = out_dir / "rank0.pt"
     return torch.load(path) if path.exists() else None
 
@@ -93,6 +100,15 @@ def assert_same_run(saved: dict, other: dict, lr_bound: float) -> None:
     torch.testing.assert_close(saved["center2"], other["center2"], rtol=1e-4, atol=1e-5)
 
 
+def assert_same_grad_norms(run: Path, other: Path) -> None:
+    """The logged gradient norms (before clipping, every step) agree."""
+    norms = [[json.loads(line)["grad_norm"] for line in (d / "log.jsonl").open()]
+             for d in (run, other)]
+    assert len(norms[0]) == len(norms[1]) > 0
+    torch.testing.assert_close(torch.tensor(norms[0]), torch.tensor(norms[1]), rtol=1e-4,
+                               atol=0)
+
+
 def assert_moved(before: dict, after: dict, at_least=1e-3) -> None:
     """The comparison has teeth: training moved the student far more than the tolerance."""
     assert max((after[k] - v).abs().max().item() for k, v in before.items()) > at_least
@@ -128,7 +144,42 @@ def test_two_processes_match_one(tmp_path, impl, extra):
     single.close()
     single = run_single(tmp_path / "one", overrides)
     assert_matches(saved, single)
+    assert_same_grad_norms(tmp_path / "ddp", tmp_path / "one")
     assert_moved(init, single.student_module.state_dict())
+
+
+def test_hsdp_four_processes_match_one(tmp_path):
+    """HSDP: 4 processes as 2 replicas of 2 shards (train.fsdp_shard_size=2) equal one
+    process, with the official per-parameter clipping at a max norm the gradients
+    exceed (so the clip's squared norms must be summed over one shard group, not over
+    the replicas too). Each process holds half the student, and the two replicas of a
+    shard stay equal."""
+    overrides = COMMON + ["train.impl=fast", "optim.clip_mode=per_param", "optim.clip_grad=0.05"]
+    saved = torchrun(tmp_path / "hsdp", *overrides, *FSDP, "train.fsdp_shard_size=2", nproc=4)
+    assert saved["sharded"]
+    total = sum(v.numel() for v in saved["student"].values())
+    assert 0.45 * total <= saved["local_numel"] <= 0.55 * total
+    shards = [torch.load(tmp_path / "hsdp" / f"local{r}.pt") for r in range(4)]
+    for replica, other in ((0, 2), (1, 3)):  # the groups are ranks {0, 1} and {2, 3}
+        for key, value in shards[replica].items():
+            assert torch.equal(value, shards[other][key]), key
+    key = "backbone.blocks.0.attn.qkv.weight"  # ranks 0 and 1 split it
+    assert shards[0][key].shape == shards[1][key].shape and not torch.equal(shards[0][key],
+                                                                            shards[1][key])
+    single = run_single(tmp_path / "one", overrides)
+    assert_same_grad_norms(tmp_path / "hsdp", tmp_path / "one")
+    assert_matches(saved, single)
+
+    # its checkpoint resumes under HSDP (whole tensors sharded again on the 2-D mesh) to
+    # the same step as one process resuming it
+    later = ["train.stop_at_iter=4"]
+    shutil.copytree(tmp_path / "hsdp", tmp_path / "one_resumed",
+                    ignore=shutil.ignore_patterns("rank*.pt", "local*.pt"))
+    saved = torchrun(tmp_path / "hsdp", *overrides, *FSDP, "train.fsdp_shard_size=2", *later,
+                     "--resume", nproc=4)
+    single = run_single(tmp_path / "one_resumed", overrides + later, resume="auto")
+    assert single.iteration == 4
+    assert_matches(saved, single)
 
 
 def test_fsdp_equals_ddp_with_drop_path_over_an_epoch_end(tmp_path):
@@ -260,3 +311,25 @@ def test_fsdp_bf16_close_to_one_process(tmp_path):
         moved = sum((init[k] - v).abs().sum().item() for k, v in theirs.items())
         assert diff < 0.05 * moved, f"{part}: {diff:.3g} vs moved {moved:.3g}"
     torch.testing.assert_close(saved["center"], single.loss.center, rtol=0, atol=2e-3)
+
+
+def test_the_training_command_under_torchrun(tmp_path):
+    """`torchrun -m ibot_fast.train` itself, 4 processes as HSDP (2 x 2): it trains,
+    logs, saves, flushes its last log line and exits 0 (dist.end); a bad key is a one-line
+    error and a non-zero exit on every process."""
+    args = ["-m", "ibot_fast.train", "--preset", "demo", "--output-dir", str(tmp_path / "run"),
+            *[o for o in COMMON if not o.startswith("train.stop_at")], "train.stop_at_iter=2",
+            "train.batch_size=2", "train.impl=fast", *FSDP, "train.fsdp_shard_size=2"]
+    proc = launch(4, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "4 process(es) (HSDP: 2 replicas of 2 shards)" in out
+    assert "training stopped at epoch 0, iteration 2" in out
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pth")["iteration"] == 2
+
+    proc = launch(2, *args[:-1], "train.fsdp_shard_size=3")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ibot-fast: error")]
+    assert errors == ["ibot-fast: error: train.fsdp_shard_size=3 must divide the 2 processes "
+                      "(e.g. the processes per node), or be 0 for all of them"] * 2, proc.stderr
