@@ -145,11 +145,17 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    from . import dist
+
     try:
-        return COMMANDS[argv[0]](argv[1:]) or 0
+        code = COMMANDS[argv[0]](argv[1:]) or 0
     except UserError as e:
         print(f"ibot-fast: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    except BaseException:
+        dist.destroy()
+        raise
+    return dist.end(code)  # under torchrun: the process ends here (dist.end says why)
 
 
 if __name__ == "__main__":

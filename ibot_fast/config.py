@@ -319,6 +319,8 @@ def validate(cfg: Config) -> None:
     if cfg.loss.fused_last_layer and cfg.loss.centering != "center":
         raise UserError("loss.fused_last_layer=true computes the teacher logits on chip and "
                         "needs loss.centering=center")
+    if cfg.train.fsdp_shard_size < 0:
+        raise UserError("train.fsdp_shard_size must be >= 0 (0: shard over all processes)")
     if cfg.train.fsdp_shard_size and cfg.train.parallel != "fsdp":
         raise UserError("train.fsdp_shard_size is for train.parallel=fsdp (HSDP); add "
                         "train.parallel=fsdp or drop the key")

@@ -10,8 +10,13 @@ import torch
 import torch.distributed as dist
 
 
+_created = False  # init() created the process group (so end() may end the process)
+
+
 def init(device_pref: str = "auto"):
-    """Initialise from torchrun's environment. Returns (rank, world_size, device)."""
+    """Initialise from torchrun's environment (a group that already exists is used as it
+    is). Returns (rank, world_size, device)."""
+    global _created
     use_cuda = torch.cuda.is_available() and device_pref != "cpu"
     if device_pref == "cuda" and not torch.cuda.is_available():
         from . import UserError
@@ -29,6 +34,7 @@ def init(device_pref: str = "auto"):
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        _created = True
     return rank, world_size, device
 
 
@@ -68,14 +74,19 @@ def all_gather_object(obj):
 
 
 def destroy():
-    if is_initialized():
+    """Destroy the process groups if `init` created them (a caller's own are left alone)."""
+    global _created
+    if _created and is_initialized():
         dist.destroy_process_group()
+    _created = False
 
 
 def end(exit_code: int) -> int:
-    """The last call of a process's entry point: destroy the process groups; when several
-    processes ran, leave at once with `os._exit(exit_code)` (stdio and logs flushed),
-    else return `exit_code`.
+    """The last call of a command (`ibot_fast.train.main`, `ibot_fast.cli.main`): destroy
+    the process groups `init` created and, when they spanned several processes, leave at
+    once with `os._exit(exit_code)` (stdio and logs flushed first); otherwise return
+    `exit_code`. A process group the caller made itself is left alone, and the call
+    returns.
 
     Why not return: destroying the groups does not stop gloo's worker threads (they stop
     when the C++ process group is freed, at interpreter shutdown). A worker that has just
@@ -83,9 +94,12 @@ def end(exit_code: int) -> int:
     happens while the interpreter is finalizing, taking the GIL ends the thread inside a
     C++ destructor and the process aborts ("terminate called without an active
     exception", SIGABRT, after every checkpoint was written: caught in a core dump,
-    4 runs in 37 on a loaded 2-core machine). Skipping the finalization removes the race.
+    4 runs in 37 on a loaded 2-core machine, 0 in 25 with this). Skipping the
+    finalization removes the race. A command that fails with an exception other than a
+    UserError still exits through the interpreter (its traceback, then exit code 1, or
+    rarely this abort: non-zero either way).
     """
-    several = is_initialized() and dist.get_world_size() > 1
+    several = _created and is_initialized() and dist.get_world_size() > 1
     destroy()
     if not several:
         return exit_code

@@ -174,7 +174,8 @@ def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(like, DTensor):
         return full
     full = full.to(device=like.device, dtype=like.dtype)
-    return distribute_tensor(full, like.device_mesh, like.placements)
+    # every process holds the same whole tensor: each keeps its own slice, no traffic
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
 
 
 def load_full_state_dict(module: torch.nn.Module, state: dict) -> None:

@@ -124,7 +124,9 @@ class Trainer:
 
     def _parallel_name(self) -> str:
         if self.mesh is not None and self.mesh.ndim == 2:
-            return " (HSDP: %d replicas of %d shards)" % tuple(self.mesh.shape)
+            replicas, shards = self.mesh.shape
+            return f" (HSDP: {replicas} replicas of {shards} shards" + (
+                "; nothing is sharded: DDP keeps less)" if shards == 1 else ")")
         return " (FSDP)" if self.sharded else " (DDP)" if self.world_size > 1 else ""
 
     def _build_networks(self) -> str:

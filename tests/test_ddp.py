@@ -182,6 +182,21 @@ def test_hsdp_four_processes_match_one(tmp_path):
     assert_matches(saved, single)
 
 
+@pytest.mark.parametrize("shard_size,held", [(1, 1.0), (4, 0.25)])
+def test_hsdp_edge_shard_sizes_match_one(tmp_path, shard_size, held):
+    """The two ends of train.fsdp_shard_size on 4 processes, global-norm clipping: 1
+    (every process a whole replica, DDP through FSDP) and 4 (one group: plain FSDP, a
+    1-D mesh) equal one process and hold the expected part of the student."""
+    overrides = COMMON + ["train.impl=fast", "optim.clip_grad=0.05"]
+    saved = torchrun(tmp_path / "run", *overrides, *FSDP, f"train.fsdp_shard_size={shard_size}",
+                     nproc=4)
+    total = sum(v.numel() for v in saved["student"].values())
+    assert held - 0.05 <= saved["local_numel"] / total <= held + 0.05
+    single = run_single(tmp_path / "one", overrides)
+    assert_same_grad_norms(tmp_path / "run", tmp_path / "one")
+    assert_matches(saved, single)
+
+
 def test_fsdp_equals_ddp_with_drop_path_over_an_epoch_end(tmp_path):
     """With stochastic depth (the same draws in both: same seeds, same processes) FSDP
     equals DDP: efficient drop path, packed crops, selective_mlp checkpointing, no
@@ -315,8 +330,9 @@ def test_fsdp_bf16_close_to_one_process(tmp_path):
 
 def test_the_training_command_under_torchrun(tmp_path):
     """`torchrun -m ibot_fast.train` itself, 4 processes as HSDP (2 x 2): it trains,
-    logs, saves, flushes its last log line and exits 0 (dist.end); a bad key is a one-line
-    error and a non-zero exit on every process."""
+    logs, saves, flushes its last log line and exits 0 (dist.end); a shard size that does
+    not divide the processes (found after the group exists) is a one-line error and exit
+    code 2 on every process."""
     args = ["-m", "ibot_fast.train", "--preset", "demo", "--output-dir", str(tmp_path / "run"),
             *[o for o in COMMON if not o.startswith("train.stop_at")], "train.stop_at_iter=2",
             "train.batch_size=2", "train.impl=fast", *FSDP, "train.fsdp_shard_size=2"]
@@ -329,7 +345,7 @@ def test_the_training_command_under_torchrun(tmp_path):
     assert checkpoint.load(tmp_path / "run" / "checkpoint.pth")["iteration"] == 2
 
     proc = launch(2, *args[:-1], "train.fsdp_shard_size=3")
-    assert proc.returncode != 0
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ibot-fast: error")]
     assert errors == ["ibot-fast: error: train.fsdp_shard_size=3 must divide the 2 processes "
                       "(e.g. the processes per node), or be 0 for all of them"] * 2, proc.stderr

@@ -177,7 +177,7 @@ WORKER = textwrap.dedent("""
     backbone = random_init_backbone(build_config("demo"), seed=3)
     f, y = extract_features(backbone, source, 32, device, 2, True, batch_size=8)
     torch.save((world, f, y), f"{sys.argv[1]}/rank{rank}.pt")
-    dist.destroy()
+    dist.end(0)
 """)
 
 

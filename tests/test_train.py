@@ -314,6 +314,29 @@ def test_compiled_step_matches_eager_and_its_checkpoint_resumes_eager(tmp_path, 
         assert torch.equal(resumed.student_module.state_dict()[name], x), name
 
 
+def test_a_compiled_run_compiles_once_per_shape_regime(tmp_path, twins):
+    """A compiled run across epoch ends, a checkpoint and a resume compiles each forward
+    (student, teacher) at most twice: once static, once more when the i.i.d. sampler's
+    masked-token count first changes (then that size is dynamic). Nothing that changes
+    every step (the epoch, a temperature, the lr) reaches a compiled region, so no
+    recompilation per step (which would stop at Dynamo's cache limit and fall back to
+    eager silently), and no graph breaks. After test_compiled_step_... the graphs may be
+    cached already (Dynamo caches per code object): then it compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    trainer = Trainer(tiny_config(tmp_path, "train.compile=true", "train.stop_at_iter=5",
+                                  impl="fast"))
+    trainer.run()  # 3 iterations per epoch: crosses the first epoch's end
+    after_first = counters["stats"]["unique_graphs"]
+    resumed = Trainer(tiny_config(tmp_path, "train.compile=true", impl="fast"), "auto")
+    resumed.run()  # to the end of the third epoch
+    assert resumed.iteration == 9
+    assert counters["stats"]["unique_graphs"] == after_first  # nothing new after 5 steps
+    assert after_first - before <= 4
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
 def test_fsdp_with_one_process_trains_unsharded(tmp_path, caplog):
     """train.parallel=fsdp (the ViT-L preset's) in one process: nothing to shard, so the
     run is the plain one, flat buffers and what sharding refuses included

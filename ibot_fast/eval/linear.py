@@ -333,5 +333,4 @@ def cmd_linear(argv) -> int:
         print(format_linear(results))
         print(f"linear top-1: {results['best_top1']:.2f}% (lr {results['best_lr']:g})")
         print(f"k-NN top-1 (same backbone, last CLS): {format_results(results['knn'])}")
-    dist.destroy()
-    return 0
+    return 0  # the group is ended by cli.main (dist.end)
