@@ -37,6 +37,8 @@ class ModelConfig:
     head_hidden_dim: int = 2048  # head MLP width
     head_bottleneck_dim: int = 256  # head MLP output, L2-normalised, input of the last layer
     head_layers: int = 3  # head MLP depth
+    init_from: str = ""  # start a new run from these weights (pretrained.py); "" = random
+    init_which: str = "teacher"  # teacher | student: the network taken from a training run
 
 
 @dataclass
@@ -280,6 +282,7 @@ _CHOICES = {
     "model.arch": ("vit_demo", "vit_small", "vit_base", "vit_large"),
     "model.attention": ("auto", "xformers", "sdpa", "math", "varlen"),
     "model.activation_checkpointing": ("none", "selective", "selective_mlp", "full"),
+    "model.init_which": ("teacher", "student"),
     "data.source": ("digits", "folder", "webdataset", "synthetic"),
     "data.pipeline": ("cpu", "dali", "auto"),
     "masks.sampler": ("iid", "stratified"),

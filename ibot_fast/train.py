@@ -47,6 +47,7 @@ from .optim import (AdamWEMA, build_optimizer, cancel_last_layer_grads, clip_gra
                     ema_loop_, flat_group, last_layer_params, param_groups,
                     set_hyperparameters)
 from .phases import phase
+from .pretrained import init_networks
 from .schedules import build_schedules
 
 log = logging.getLogger("ibot_fast")
@@ -97,6 +98,7 @@ class Trainer:
         self.precision = self._resolve_precision()
         self.fast = cfg.train.impl == "fast"
         self.fuse_ema = self.fast and cfg.optim.fuse_ema
+        self.resuming = bool(resume)
 
         self.backend = backend = self._build_networks()
         self.loss = build_loss(cfg).to(self.device)
@@ -139,6 +141,9 @@ class Trainer:
                                   low_precision=self.precision in ("bf16", "fp16"))
         torch.manual_seed(cfg.train.seed)  # same initial weights on every process
         student, teacher = build_student_teacher(cfg, backend)
+        if cfg.model.init_from and not self.resuming:  # pre-trained weights for both (a
+            # resumed run has its own: the file may be gone by then)
+            init_networks(student, teacher, cfg.model.init_from, cfg.model.init_which)
         self.sharded = cfg.train.parallel == "fsdp" and self.world_size > 1
         if self.sharded:
             fsdp.check_config(cfg, self.precision, self.device, self.world_size)

@@ -267,6 +267,20 @@ def _add_rows_backward(ctx, grad):
 add_rows.register_autograd(_add_rows_backward, setup_context=_add_rows_setup)
 
 
+def resize_pos_embed(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[1, 1 + side^2, dim] position embeddings (CLS first, a square grid) for an h x w
+    grid: the patch part resized bicubically in fp32, the CLS part kept."""
+    side = int(math.sqrt(pos_embed.shape[1] - 1))
+    if h == side and w == side:
+        return pos_embed
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic",
+                              align_corners=False).to(patch_pos.dtype)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
 class VisionTransformer(nn.Module):
     """ViT backbone returning all tokens after the final LayerNorm: [B, 1 + h*w, dim]."""
 
@@ -319,16 +333,7 @@ class VisionTransformer(nn.Module):
 
     def interpolate_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Position embeddings for an h x w patch grid (bicubic from the trained grid)."""
-        n = self.pos_embed.shape[1] - 1
-        side = int(math.sqrt(n))
-        if h == side and w == side:
-            return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic",
-                                  align_corners=False).to(patch_pos.dtype)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return resize_pos_embed(self.pos_embed, h, w)
 
     def prepare_tokens(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
         """Patch-embed, apply the mask token, prepend CLS, add position embeddings.
