@@ -82,24 +82,43 @@ def test_a_resumed_run_does_not_read_the_weights_again(tmp_path, source):
     assert_state(resumed.student_module, trained)
 
 
-def test_starts_from_the_official_training_checkpoint(tmp_path, source):
+def test_starts_from_the_official_training_checkpoint(tmp_path, source, caplog):
     """The official iBOT layout: a DDP-wrapped student ('module.'), the mask token named
-    `masked_embed`, an argparse Namespace beside the networks."""
+    `masked_embed` and present in the student only (the official teacher is built
+    without one: the loaded teacher takes the student's), an argparse Namespace beside
+    the networks."""
     out, nets = source
 
-    def official(state, prefix):
+    def official(state, prefix, with_mask_token):
         return {prefix + k.replace("backbone.mask_token", "backbone.masked_embed"): v
-                for k, v in state.items()}
+                for k, v in state.items() if with_mask_token or "mask_token" not in k}
     path = tmp_path / "checkpoint.pth"
-    torch.save({"student": official(nets["student"], "module."),
-                "teacher": official(nets["teacher"], ""), "optimizer": {}, "epoch": 3,
+    torch.save({"student": official(nets["student"], "module.", True),
+                "teacher": official(nets["teacher"], "", False), "optimizer": {}, "epoch": 3,
                 "args": argparse.Namespace(arch="vit_small", out_dim=128)}, path)
     for which in ("teacher", "student"):
-        run = Trainer(tiny(tmp_path / which, f"model.init_from={path}",
-                           f"model.init_which={which}"))
+        with caplog.at_level(logging.INFO):
+            run = Trainer(tiny(tmp_path / which, f"model.init_from={path}",
+                               f"model.init_which={which}"))
         run.close()
-        assert_state(run.student_module, nets[which])
-        assert_state(run.teacher, nets[which])
+        expected = dict(nets[which], **{"backbone.mask_token":
+                                        nets["student"]["backbone.mask_token"]})
+        assert_state(run.student_module, expected)
+        assert_state(run.teacher, expected)
+    assert "the mask token is the student's (the teacher has none)" in caplog.text
+
+
+def test_a_head_extracted_beside_the_backbone(tmp_path, source):
+    """The official extract_backbone_weights.py --with_head: {'state_dict': backbone keys
+    and head.* keys} loads both."""
+    out, nets = source
+    state = backbone_state_dict(nets["teacher"])
+    state.update({k: v for k, v in nets["teacher"].items() if k.startswith("head.")})
+    path = tmp_path / "with_head.pth"
+    torch.save({"state_dict": state}, path)
+    run = Trainer(tiny(tmp_path / "run", f"model.init_from={path}"))
+    run.close()
+    assert_state(run.student_module, nets["teacher"])
 
 
 def test_a_backbone_alone_keeps_a_fresh_head(tmp_path, source, caplog):
@@ -148,13 +167,42 @@ def test_a_dino_backbone_for_another_grid_with_a_timm_classifier(tmp_path, sourc
 
 
 def test_an_exported_file_round_trips(tmp_path, source):
+    """ibot-fast export's safetensors file (its suffix in any case)."""
     out, nets = source
     exported, _ = export(out / "checkpoint.pth", tmp_path / "vit.safetensors")
+    exported = exported.rename(tmp_path / "vit.SafeTensors")
     run = Trainer(tiny(tmp_path / "run", f"model.init_from={exported}"))
     run.close()
     keys = [k for k in nets["teacher"] if k.startswith("backbone.") and "mask_token" not in k]
     assert_state(run.student_module, nets["teacher"], keys)
     assert_state(run.teacher, nets["teacher"], keys)
+
+
+def test_a_separate_patch_head_and_a_frozen_scale(tmp_path, caplog):
+    """shared_head=false: each last layer gets its own weights from the file.
+    norm_last_layer=true: the file's trained scale g is set to 1 (and stays frozen)."""
+    source_dir = tmp_path / "source"
+    trainer = Trainer(tiny(source_dir, "model.shared_head=false"))
+    trainer.close()
+    with torch.no_grad():
+        for p in trainer.teacher.parameters():
+            p.add_(torch.rand_like(p))
+    trainer.save()
+    nets = _copy(trainer.teacher)
+    assert not nets["head.last_layer.weight_v"].equal(nets["head.last_layer2.weight_v"])
+    ckpt = source_dir / "checkpoint.pth"
+    run = Trainer(tiny(tmp_path / "a", f"model.init_from={ckpt}", "model.shared_head=false"))
+    run.close()
+    assert_state(run.student_module, nets)
+    with caplog.at_level(logging.INFO):
+        run = Trainer(tiny(tmp_path / "b", f"model.init_from={ckpt}", "model.shared_head=false",
+                           "model.norm_last_layer=true"))
+    run.close()
+    for layer in (run.student_module.head.last_layer, run.student_module.head.last_layer2):
+        assert torch.all(layer.weight_g == 1) and not layer.weight_g.requires_grad
+    assert_state(run.student_module, nets, ["head.last_layer.weight_v",
+                                            "head.last_layer2.weight_v"])
+    assert "the last layer's scale g set to 1 (model.norm_last_layer=true)" in caplog.text
 
 
 def test_a_head_of_other_sizes_starts_fresh(tmp_path, source, caplog):
@@ -191,18 +239,34 @@ def test_a_shared_head_takes_the_cls_layer(tmp_path, source):
     assert_state(run.student_module, nets["teacher"])
 
 
+def _demo_backbone(**changes) -> dict:
+    from ibot_fast.models import build_backbone
+
+    state = build_backbone(build_config("demo")).state_dict()
+    state.update(changes)
+    return state
+
+
 @pytest.mark.parametrize("make,message", [
     (None, "no such file"),
     (lambda p: torch.save([1, 2], p), "holds a list, not weights"),
     (lambda p: torch.save({"args": argparse.Namespace()}, p), "holds no tensors"),
     ("vit_small", "the backbone does not fit this model (check model.arch and "
                   "model.patch_size): shapes differ: cls_token (1, 1, 384) vs (1, 1, 128)"),
+    # DeiT-3 style: no CLS row in the position embeddings (64 = 8 x 8 patches only)
+    (lambda p: torch.save(_demo_backbone(pos_embed=torch.randn(1, 64, 128)), p),
+     "position embeddings must be a CLS row and a square grid): shapes differ: pos_embed"),
+    (lambda p: torch.save(_demo_backbone(**{"blocks.0.ls1.gamma": torch.ones(128)}), p),
+     "layer scale and register tokens (DINOv2) are not part of this ViT): not in this "
+     "model: blocks.0.ls1.gamma"),
+    (lambda p: p.write_bytes(b"not safetensors"), "cannot be read as safetensors"),
 ])
 def test_bad_files_are_one_line_errors(tmp_path, make, message):
-    path = tmp_path / "weights.pth"
+    path = tmp_path / ("weights.safetensors" if "safetensors" in message else "weights.pth")
     if make == "vit_small":
         from ibot_fast.models import build_backbone
-        torch.save(build_backbone(build_config("vit_small_16_paper", ["data.source=synthetic"])).state_dict(), path)
+        torch.save(build_backbone(build_config("vit_small_16_paper", ["data.source=synthetic"]))
+                   .state_dict(), path)
     elif make is not None:
         make(path)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
