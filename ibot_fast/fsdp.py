@@ -44,6 +44,8 @@ buffers), apex's optimizers (their kernels want whole local tensors, and LAMB's 
 ratio would be taken per shard), fp16 (untested with FSDP2's gradient scaling) and, on
 the CPU only, `model.residual_fp32` in bf16.
 """
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -101,6 +103,11 @@ def shard_networks(student, teacher, mesh, param_dtype=None,
     register_fsdp_forward_method(teacher, "forward_teacher_masked")
     for block in student.backbone.blocks:
         register_fsdp_forward_method(block, "up_to_mlp")
+    # up_to_mlp returns the MLP branch's output, a view (F.linear on 3-D input), and FSDP2
+    # warns once per process that an in-place op on it would skip its pre-backward hook.
+    # add_mlp adds it out of place (FSDP equals DDP with checkpointing: tests/test_ddp.py)
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
