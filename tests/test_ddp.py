@@ -330,7 +330,8 @@ def test_fsdp_bf16_close_to_one_process(tmp_path):
 
 def test_the_training_command_under_torchrun(tmp_path):
     """`torchrun -m ibot_fast.train` itself, 4 processes as HSDP (2 x 2): it trains,
-    logs, saves, flushes its last log line and exits 0 (dist.end); a shard size that does
+    logs, saves, flushes its last log line and exits 0 (dist.end); a new run starts from
+    its checkpoint (model.init_from) under HSDP; a shard size that does
     not divide the processes (found after the group exists) is a one-line error and exit
     code 2 on every process."""
     args = ["-m", "ibot_fast.train", "--preset", "demo", "--output-dir", str(tmp_path / "run"),
@@ -342,7 +343,22 @@ def test_the_training_command_under_torchrun(tmp_path):
     assert "4 process(es) (HSDP: 2 replicas of 2 shards)" in out
     assert "training stopped at epoch 0, iteration 2" in out
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
-    assert checkpoint.load(tmp_path / "run" / "checkpoint.pth")["iteration"] == 2
+    first = checkpoint.load(tmp_path / "run" / "checkpoint.pth")
+    assert first["iteration"] == 2
+
+    # a new HSDP run from that checkpoint's teacher (model.init_from): loaded before
+    # sharding, on every process; at lr 0 one step leaves both networks as loaded
+    init = [a.replace(str(tmp_path / "run"), str(tmp_path / "init")) for a in args]
+    init = [a for a in init if not a.startswith(("train.stop_at", "optim.lr"))]
+    proc = launch(4, *init, f"model.init_from={tmp_path / 'run' / 'checkpoint.pth'}",
+                  "train.stop_at_iter=1", "optim.lr=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = checkpoint.load(tmp_path / "init" / "checkpoint.pth")
+    assert second["iteration"] == 1
+    for part in ("teacher", "student"):
+        for key, value in first["teacher"].items():
+            torch.testing.assert_close(second[part][key], value, rtol=1e-6, atol=1e-7,
+                                       msg=f"{part} {key}")
 
     proc = launch(2, *args[:-1], "train.fsdp_shard_size=3")
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
