@@ -84,6 +84,7 @@ class LossConfig:
     center2_from: str = "all"  # all (official: teacher head on all patches) | masked (DINOv2)
     centering: str = "center"  # center (iBOT: EMA center + sharpening) | sinkhorn (DINOv2)
     fused_last_layer: bool = False  # fast path: last layer + patch loss in one kernel
+    koleo_weight: float = 0.0  # DINOv2's KoLeo term on the student's global CLS (0.1 there)
 
 
 @dataclass
@@ -322,6 +323,11 @@ def validate(cfg: Config) -> None:
     if cfg.loss.fused_last_layer and cfg.loss.centering != "center":
         raise UserError("loss.fused_last_layer=true computes the teacher logits on chip and "
                         "needs loss.centering=center")
+    if cfg.loss.koleo_weight < 0:
+        raise UserError("loss.koleo_weight must be >= 0 (DINOv2 uses 0.1; 0 turns it off)")
+    if cfg.loss.koleo_weight > 0 and cfg.train.batch_size < 2:
+        raise UserError("loss.koleo_weight > 0 needs train.batch_size >= 2 (each image's "
+                        "nearest neighbour in the batch)")
     if cfg.train.fsdp_shard_size < 0:
         raise UserError("train.fsdp_shard_size must be >= 0 (0: shard over all processes)")
     if cfg.train.fsdp_shard_size and cfg.train.parallel != "fsdp":

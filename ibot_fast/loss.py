@@ -12,6 +12,10 @@ after the loss, with the teacher outputs of this step averaged over all processe
 numbers through `ibot_fast.kernels.centered_softmax_ce` (one fused pass per row, no
 probabilities in memory) and, with `forward_masked`, on the masked rows only.
 
+`koleo_loss` is DINOv2's KoLeo regulariser (an option, `loss.koleo_weight`; 0, not part
+of iBOT, by default): it spreads the student's backbone CLS features of each global crop
+over the batch.
+
 `centering="sinkhorn"` replaces centering + sharpening of the teacher by DINOv2's
 Sinkhorn-Knopp normalisation (3 iterations over the global batch: every prototype gets
 the same total mass). It is an option, not iBOT's semantics; it resists the uniform
@@ -74,6 +78,19 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iters: int = 3,
     if valid is not None:
         q = torch.where(valid[:, None], q, 1.0 / K)
     return q
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo (Kozachenko-Leonenko entropy estimate, as DINOv2 uses it) of the rows of x
+    [B, D]: -mean_i log ||u_i - u_n(i)|| over the L2-normalised rows u, n(i) the nearest
+    other row (largest cosine). fp32 at least. B >= 2."""
+    u = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, eps=eps)
+    with torch.no_grad():
+        sims = u @ u.T
+        sims.fill_diagonal_(-2.0)  # never one's own neighbour (cosines are >= -1)
+        nearest = sims.argmax(dim=1)
+    distance = torch.linalg.vector_norm(u - u[nearest] + eps, dim=-1)
+    return -torch.log(distance + eps).mean()
 
 
 def _distributed() -> bool:

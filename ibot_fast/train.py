@@ -38,7 +38,7 @@ from .config import build_config, derived, to_dict
 from .data import build_train_loader
 from .logger import JsonLog, ProgressBar, setup_logging
 from .flat import FlatParams, ema_flat_
-from .loss import build_loss
+from .loss import build_loss, koleo_loss
 from .masking import buffer_rows, sampler_from_config
 from .models import (ARCHS, MaskedRows, backbone_state_dict, build_backbone,
                      build_student_teacher)
@@ -98,6 +98,7 @@ class Trainer:
         self.precision = self._resolve_precision()
         self.fast = cfg.train.impl == "fast"
         self.fuse_ema = self.fast and cfg.optim.fuse_ema
+        self.koleo = cfg.loss.koleo_weight > 0
         self.resuming = bool(resume)
 
         self.backend = backend = self._build_networks()
@@ -238,6 +239,9 @@ class Trainer:
             losses = self.forward_masked(batch, global_crops, local_crops, masks, epoch)
         else:
             losses = self.forward_full(global_crops, local_crops, masks, epoch)
+        if self.koleo:
+            with phase("loss"):
+                self.add_koleo(losses)
         self.backward_and_step(losses["loss"], epoch, hp["momentum"])
         if not self.fuse_ema:
             with phase("ema"):
@@ -250,10 +254,20 @@ class Trainer:
             with phase("teacher"), torch.no_grad():
                 teacher_cls, teacher_patch = self.teacher(global_crops)
             with phase("student"):
-                student_cls, student_patch = self.student(global_crops, masks, local_crops)
+                student_cls, student_patch, *cls_tokens = self.student(
+                    global_crops, masks, local_crops, global_cls=self.koleo)
         with phase("loss"):
-            return self.loss(student_cls, student_patch, teacher_cls, teacher_patch, masks,
-                             epoch)
+            losses = self.loss(student_cls, student_patch, teacher_cls, teacher_patch, masks,
+                               epoch)
+        return {**losses, "global_cls_tokens": cls_tokens[0]} if self.koleo else losses
+
+    def add_koleo(self, losses: dict) -> None:
+        """DINOv2's KoLeo term on the student's backbone CLS tokens, each global crop's
+        over this process's images (loss.koleo_weight; in place: `koleo`, `loss`)."""
+        tokens = losses.pop("global_cls_tokens")
+        koleo = sum(koleo_loss(crop) for crop in tokens.chunk(2))
+        losses["koleo"] = koleo
+        losses["loss"] = losses["loss"] + self.cfg.loss.koleo_weight * koleo
 
     def forward_masked(self, batch, global_crops, local_crops, masks, epoch) -> dict:
         """Fast path: the heads see [CLS tokens ; masked patch tokens] only (issue 4)."""
@@ -266,17 +280,19 @@ class Trainer:
                 teacher_cls, teacher_patch, patch_sum = self.teacher.forward_teacher_masked(
                     global_crops, masked, self.cfg.loss.center2_from, patch_features=fused)
             with phase("student"):
-                student_cls, student_patch = self.student(global_crops, masks, local_crops,
-                                                          masked=masked, patch_features=fused)
+                student_cls, student_patch, *cls_tokens = self.student(
+                    global_crops, masks, local_crops, masked=masked, patch_features=fused,
+                    global_cls=self.koleo)
         last_layers = None
         if fused:
             s_last = self.student_module.head.last_layer2
             t_last = self.teacher.head.last_layer2
             last_layers = ((s_last.weight_v, s_last.weight_g), (t_last.weight_v, t_last.weight_g))
         with phase("loss"):
-            return self.loss.forward_masked(student_cls, student_patch, teacher_cls,
-                                            teacher_patch, masked.weight, count, epoch,
-                                            patch_sum, last_layers)
+            losses = self.loss.forward_masked(student_cls, student_patch, teacher_cls,
+                                              teacher_patch, masked.weight, count, epoch,
+                                              patch_sum, last_layers)
+        return {**losses, "global_cls_tokens": cls_tokens[0]} if self.koleo else losses
 
     def backward_and_step(self, loss: torch.Tensor, epoch: int, momentum: float) -> None:
         """Backward, drop frozen last-layer grads, clip, and step unless non-finite."""

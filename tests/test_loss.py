@@ -235,3 +235,35 @@ def test_sinkhorn_fast_impl_equals_reference(n_local):
 def test_unknown_centering_is_an_error():
     with pytest.raises(ValueError, match="centering"):
         make_loss(0, centering="softmax")
+
+
+def koleo_loop(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo written out: each L2-normalised row's distance to its nearest other row."""
+    u = [row / max(row.norm(), eps) for row in x.double()]
+    terms = []
+    for i, ui in enumerate(u):
+        nearest = min((uj for j, uj in enumerate(u) if j != i),
+                      key=lambda uj: (ui - uj).norm())
+        terms.append(-torch.log((ui - nearest + eps).norm() + eps))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("rows,dim", [(2, 3), (7, 16), (33, 64)])
+def test_koleo_equals_loop_and_ignores_row_scale(rows, dim):
+    from ibot_fast.loss import koleo_loss
+
+    x = torch.randn(rows, dim, dtype=torch.float64)
+    torch.testing.assert_close(koleo_loss(x), koleo_loop(x))
+    scaled = x * torch.rand(rows, 1, dtype=torch.float64).add(0.5)
+    torch.testing.assert_close(koleo_loss(scaled), koleo_loss(x))
+    assert koleo_loss(x.float()).dtype == torch.float32
+
+
+def test_koleo_gradient():
+    """Against finite differences (the nearest neighbours are fixed near a random point)."""
+    from ibot_fast.loss import koleo_loss
+
+    x = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(koleo_loss, (x,))
+    koleo_loss(x).backward()
+    assert x.grad.abs().sum() > 0

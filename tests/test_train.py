@@ -314,6 +314,47 @@ def test_compiled_step_matches_eager_and_its_checkpoint_resumes_eager(tmp_path, 
         assert torch.equal(resumed.student_module.state_dict()[name], x), name
 
 
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_koleo_term_on_the_global_cls_tokens(tmp_path, impl):
+    """loss.koleo_weight: the step's loss is the iBOT loss + weight x KoLeo, KoLeo taken
+    per global crop over the batch on the student's backbone CLS tokens (after the final
+    norm), and it is logged; the gradient reaches the backbone through it."""
+    from ibot_fast.loss import koleo_loss
+
+    trainer = Trainer(tiny_config(tmp_path, "loss.koleo_weight=0.5", "model.drop_path_rate=0",
+                                  "optim.freeze_last_layer=0", impl=impl))
+    trainer.loader.set_epoch(0)
+    batch = next(iter(trainer.loader))
+    with torch.no_grad():
+        cls = trainer.student_module.backbone(batch["globals"], mask=batch["masks"])[:, 0]
+    expected = sum(koleo_loss(crop) for crop in cls.chunk(2))
+    losses = trainer.train_step(batch, 0, 0)
+    torch.testing.assert_close(losses["koleo"].detach(), expected)
+    torch.testing.assert_close(losses["loss"].detach(),
+                               (losses["cls"] + losses["patch"] + 0.5 * expected).detach())
+    trainer.close()
+
+    # the KoLeo term's own gradient: with lambda1 = lambda2 = 0 only it is left
+    trainer = Trainer(tiny_config(tmp_path / "only", "loss.koleo_weight=0.5", "loss.lambda1=0",
+                                  "loss.lambda2=0", "model.drop_path_rate=0", impl=impl))
+    trainer.close()
+    x = batch["globals"]
+    trainer.student_module.zero_grad()
+    with torch.no_grad():
+        trainer.student_module.backbone.pos_embed.requires_grad_(True)
+    _, _, tokens = trainer.student_module(x, batch["masks"], batch["locals"], global_cls=True)
+    (0.5 * sum(koleo_loss(crop) for crop in tokens.chunk(2))).backward()
+    assert trainer.student_module.backbone.pos_embed.grad.abs().sum() > 0
+    assert trainer.student_module.head.mlp[0].weight.grad is None
+
+
+def test_koleo_weight_is_checked(tmp_path):
+    with pytest.raises(UserError, match="loss.koleo_weight must be >= 0"):
+        tiny_config(tmp_path, "loss.koleo_weight=-1")
+    with pytest.raises(UserError, match="needs train.batch_size >= 2"):
+        tiny_config(tmp_path, "loss.koleo_weight=0.1", "train.batch_size=1")
+
+
 def test_a_compiled_run_compiles_once_per_shape_regime(tmp_path, twins):
     """A compiled run across epoch ends, a checkpoint and a resume compiles each forward
     (student, teacher) at most twice: once static, once more when the i.i.d. sampler's

@@ -66,7 +66,7 @@ class IBOTNet(nn.Module):
         self.head = head
 
     def forward(self, global_crops, masks=None, local_crops=None, masked: MaskedRows = None,
-                patch_features: bool = False):
+                patch_features: bool = False, global_cls: bool = False):
         """Student (or teacher with masks=None, local_crops=None).
 
         Without `masked`, the official full-token path: returns (cls [(2+L)*B, K]
@@ -74,6 +74,8 @@ class IBOTNet(nn.Module):
         With `masked`, the head runs on [CLS tokens ; masked patch tokens] only: returns
         (cls [(2+L)*B, K], patch [M, K2] for the masked rows), or with `patch_features`
         the rows' bottleneck features [M, bottleneck] (for the fused last layer + loss).
+        With `global_cls`, a third output: the backbone's CLS tokens of the global crops
+        [2B, dim] (after the final norm; for the KoLeo term).
         """
         if masked is None:
             tokens_g = self.backbone(global_crops, mask=masks)
@@ -84,7 +86,7 @@ class IBOTNet(nn.Module):
                 with head_phase():
                     local_cls, _ = self.head(tokens_l)  # patch logits unused
                 cls = torch.cat([cls, local_cls])
-            return cls, patch
+            return (cls, patch, tokens_g[:, 0]) if global_cls else (cls, patch)
         tokens_g, tokens_l = self.backbone.forward_crops(global_crops, masks, local_crops)
         with head_phase():
             rows = [tokens_g[:, 0]] + ([tokens_l[:, 0]] if tokens_l is not None else [])
@@ -92,7 +94,8 @@ class IBOTNet(nn.Module):
             z = self.head.features(torch.cat(rows))
             n_cls = z.shape[0] - masked.rows
             patch = z[n_cls:] if patch_features else self.head.last_layer2(z[n_cls:])
-            return self.head.last_layer(z[:n_cls]), patch
+            cls = self.head.last_layer(z[:n_cls])
+        return (cls, patch, tokens_g[:, 0]) if global_cls else (cls, patch)
 
     @torch.no_grad()
     def forward_teacher_masked(self, global_crops, masked: MaskedRows, center2_from: str,
