@@ -323,7 +323,7 @@ def validate(cfg: Config) -> None:
     if cfg.loss.fused_last_layer and cfg.loss.centering != "center":
         raise UserError("loss.fused_last_layer=true computes the teacher logits on chip and "
                         "needs loss.centering=center")
-    if cfg.loss.koleo_weight < 0:
+    if not cfg.loss.koleo_weight >= 0:  # NaN too
         raise UserError("loss.koleo_weight must be >= 0 (DINOv2 uses 0.1; 0 turns it off)")
     if cfg.loss.koleo_weight > 0 and cfg.train.batch_size < 2:
         raise UserError("loss.koleo_weight > 0 needs train.batch_size >= 2 (each image's "

@@ -105,8 +105,9 @@ def shard_networks(student, teacher, mesh, param_dtype=None,
         register_fsdp_forward_method(block, "up_to_mlp")
     # up_to_mlp returns the MLP branch's output, a view (F.linear on 3-D input), and FSDP2
     # warns once per process that an in-place op on it would skip its pre-backward hook.
-    # add_mlp adds it out of place (FSDP equals DDP with checkpointing: tests/test_ddp.py)
-    warnings.filterwarnings("ignore", category=UserWarning,
+    # add_mlp adds it out of place (FSDP equals one process with checkpointing on unpacked
+    # crops, the case that warns: tests/test_ddp.py). Appended: a user's -W filter wins.
+    warnings.filterwarnings("ignore", category=UserWarning, append=True,
                             message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view")
 
 

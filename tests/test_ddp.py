@@ -199,14 +199,15 @@ def test_hsdp_edge_shard_sizes_match_one(tmp_path, shard_size, held):
 
 def test_fsdp_equals_ddp_with_drop_path_over_an_epoch_end(tmp_path):
     """With stochastic depth (the same draws in both: same seeds, same processes) FSDP
-    equals DDP: efficient drop path, packed crops, selective_mlp checkpointing, no
-    clipping (the skip verdict is then all-reduced); the epoch end writes the kept
+    equals DDP: efficient drop path, packed crops, selective_mlp checkpointing, the
+    KoLeo term (per process in both), no clipping (the skip verdict is then
+    all-reduced); the epoch end writes the kept
     checkpoint on rank 0 with every process taking part."""
     overrides = [o for o in COMMON if not o.startswith(("model.drop_path", "train.stop_at"))]
     overrides += ["train.impl=fast", "model.drop_path_rate=0.2",
                   "model.efficient_drop_path=true", "model.pack_crops=true",
                   "model.activation_checkpointing=selective_mlp", "optim.clip_grad=0",
-                  "train.stop_at_iter=5", "train.keep_every=1"]
+                  "train.stop_at_iter=5", "train.keep_every=1", "loss.koleo_weight=0.1"]
     ddp = torchrun(tmp_path / "ddp", *overrides)
     sharded = torchrun(tmp_path / "fsdp", *overrides, *FSDP)
     assert sharded["sharded"] and not ddp["sharded"]
@@ -330,8 +331,8 @@ def test_fsdp_bf16_close_to_one_process(tmp_path):
 
 def test_the_training_command_under_torchrun(tmp_path):
     """`torchrun -m ibot_fast.train` itself, 4 processes as HSDP (2 x 2): it trains,
-    logs, saves, flushes its last log line and exits 0 (dist.end); a new run starts from
-    its checkpoint (model.init_from) under HSDP; a shard size that does
+    logs, saves, flushes its last log line and exits 0 (dist.end); a new run from its
+    checkpoint (model.init_from) under HSDP equals one process's; a shard size that does
     not divide the processes (found after the group exists) is a one-line error and exit
     code 2 on every process."""
     args = ["-m", "ibot_fast.train", "--preset", "demo", "--output-dir", str(tmp_path / "run"),
@@ -346,19 +347,26 @@ def test_the_training_command_under_torchrun(tmp_path):
     first = checkpoint.load(tmp_path / "run" / "checkpoint.pth")
     assert first["iteration"] == 2
 
-    # a new HSDP run from that checkpoint's teacher (model.init_from): loaded before
-    # sharding, on every process; at lr 0 one step leaves both networks as loaded
+    # a new HSDP run from that checkpoint's teacher (model.init_from), loaded before
+    # sharding on every process (a replica that missed it would change the averaged
+    # gradients): two steps equal one process's from the same file
+    weights = f"model.init_from={tmp_path / 'run' / 'checkpoint.pth'}"
     init = [a.replace(str(tmp_path / "run"), str(tmp_path / "init")) for a in args]
-    init = [a for a in init if not a.startswith(("train.stop_at", "optim.lr"))]
-    proc = launch(4, *init, f"model.init_from={tmp_path / 'run' / 'checkpoint.pth'}",
-                  "train.stop_at_iter=1", "optim.lr=0")
+    proc = launch(4, *init, weights)
     assert proc.returncode == 0, proc.stderr[-3000:]
     second = checkpoint.load(tmp_path / "init" / "checkpoint.pth")
-    assert second["iteration"] == 1
-    for part in ("teacher", "student"):
-        for key, value in first["teacher"].items():
-            torch.testing.assert_close(second[part][key], value, rtol=1e-6, atol=1e-7,
-                                       msg=f"{part} {key}")
+    assert second["iteration"] == 2
+    overrides = [o for o in COMMON if not o.startswith("train.stop_at")]
+    single = run_single(tmp_path / "one", overrides + ["train.impl=fast", "train.stop_at_iter=2",
+                                                       weights])
+    assert not torch.equal(single.teacher.state_dict()["backbone.pos_embed"],
+                           first["teacher"]["backbone.pos_embed"])  # it trained
+    assert_same_run({**second["loss"], "teacher": second["teacher"],
+                     "student": second["student"]},
+                    {"teacher": single.teacher.state_dict(),
+                     "student": single.student_module.state_dict(),
+                     "center": single.loss.center, "center2": single.loss.center2},
+                    2 * single.sched.lr.max() * 2 + 1e-5)
 
     proc = launch(2, *args[:-1], "train.fsdp_shard_size=3")
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]

@@ -334,23 +334,27 @@ def test_koleo_term_on_the_global_cls_tokens(tmp_path, impl):
                                (losses["cls"] + losses["patch"] + 0.5 * expected).detach())
     trainer.close()
 
-    # the KoLeo term's own gradient: with lambda1 = lambda2 = 0 only it is left
+    # the step's gradient with lambda1 = lambda2 = 0 (only KoLeo left) is the KoLeo
+    # term's, computed by hand at the same weights: the backbone gets it, the head none
     trainer = Trainer(tiny_config(tmp_path / "only", "loss.koleo_weight=0.5", "loss.lambda1=0",
-                                  "loss.lambda2=0", "model.drop_path_rate=0", impl=impl))
+                                  "loss.lambda2=0", "model.drop_path_rate=0", "optim.clip_grad=0",
+                                  "optim.freeze_last_layer=0", impl=impl))
     trainer.close()
-    x = batch["globals"]
-    trainer.student_module.zero_grad()
-    with torch.no_grad():
-        trainer.student_module.backbone.pos_embed.requires_grad_(True)
-    _, _, tokens = trainer.student_module(x, batch["masks"], batch["locals"], global_cls=True)
-    (0.5 * sum(koleo_loss(crop) for crop in tokens.chunk(2))).backward()
-    assert trainer.student_module.backbone.pos_embed.grad.abs().sum() > 0
-    assert trainer.student_module.head.mlp[0].weight.grad is None
+    net = trainer.student_module
+    tokens = net(batch["globals"], batch["masks"], batch["locals"], global_cls=True)[2]
+    expected = torch.autograd.grad(0.5 * sum(koleo_loss(crop) for crop in tokens.chunk(2)),
+                                   [net.backbone.pos_embed, net.backbone.blocks[0].mlp.fc1.weight])
+    trainer.train_step(batch, 0, 0)
+    for p, g in zip([net.backbone.pos_embed, net.backbone.blocks[0].mlp.fc1.weight], expected):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(p.grad, g)
+    assert not net.head.mlp[0].weight.grad.any()
 
 
 def test_koleo_weight_is_checked(tmp_path):
-    with pytest.raises(UserError, match="loss.koleo_weight must be >= 0"):
-        tiny_config(tmp_path, "loss.koleo_weight=-1")
+    for bad in ("-1", "nan"):
+        with pytest.raises(UserError, match="loss.koleo_weight must be >= 0"):
+            tiny_config(tmp_path, f"loss.koleo_weight={bad}")
     with pytest.raises(UserError, match="needs train.batch_size >= 2"):
         tiny_config(tmp_path, "loss.koleo_weight=0.1", "train.batch_size=1")
 
