@@ -17,7 +17,8 @@ across nodes.
 
 Several nodes: add `--nnodes N --node_rank R --master_addr HOST --master_port PORT` to
 torchrun on each node. Any config key can be overridden as `key=value` (see
-`ibot-fast keys`); `--resume` continues from <output_dir>/checkpoint.pth (or a path).
+`ibot-fast keys`); `--resume` continues from <output_dir>/checkpoint.pth when it exists
+(or from a path), so the same command restarts a pre-empted job.
 
 The step (`Trainer.train_step`) reads top to bottom: schedules, teacher forward, student
 forward, loss, backward + clip + optimizer step, teacher EMA. There is no host
@@ -69,7 +70,8 @@ def get_args_parser():
                    "train-{0000..0146}.tar): sets data.source and data.path")
     p.add_argument("--output-dir", default=None, help="sets train.output_dir")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from <output_dir>/checkpoint.pth, or from the given path")
+                   help="continue from <output_dir>/checkpoint.pth if it exists (else "
+                   "start), or from the given path")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
@@ -610,11 +612,30 @@ def train(cfg, resume=None) -> dict:
         trainer.close()
 
 
+def resume_choice(cfg, resume):
+    """`--resume` (no path) continues <output_dir>/checkpoint.pth when there is one and
+    starts a new run when there is none, so one command serves a job's first start and
+    its requeues after pre-emption. Without `--resume`, an output folder that already
+    holds a checkpoint is an error: a new run would overwrite it."""
+    ckpt = Path(cfg.train.output_dir) / "checkpoint.pth"
+    if resume == "auto" and not ckpt.is_file():
+        log.info("--resume: no checkpoint in %s yet, starting a new run", ckpt.parent)
+        return None
+    if resume is None and ckpt.is_file():
+        raise UserError(f"{ckpt} holds an earlier run: add --resume to continue it, or "
+                        "pass another --output-dir (nothing was written)")
+    return resume
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume key=value ...`: argparse took the first override for the path
+        args.overrides.insert(0, args.resume)
+        args.resume = "auto"
     try:
         cfg = config_from_args(args)
-        result = train(cfg, args.resume)
+        result = train(cfg, resume_choice(cfg, args.resume))
         code = 0 if result["status"] in ("finished", "stopped", "preempted") else 1
     except UserError as e:
         print(f"ibot-fast: error: {e}", file=sys.stderr)

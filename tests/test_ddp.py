@@ -368,7 +368,8 @@ def test_the_training_command_under_torchrun(tmp_path):
                      "center": single.loss.center, "center2": single.loss.center2},
                     2 * single.sched.lr.max() * 2 + 1e-5)
 
-    proc = launch(2, *args[:-1], "train.fsdp_shard_size=3")
+    bad = [a.replace(str(tmp_path / "run"), str(tmp_path / "bad")) for a in args[:-1]]
+    proc = launch(2, *bad, "train.fsdp_shard_size=3")
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ibot-fast: error")]
     assert errors == ["ibot-fast: error: train.fsdp_shard_size=3 must divide the 2 processes "

@@ -183,6 +183,29 @@ def test_main_prints_one_line_errors(tmp_path, capsys):
     assert "does not exist" in err and len(err.splitlines()) == 1
 
 
+def test_the_command_resumes_when_it_can_and_never_overwrites(tmp_path, capsys):
+    """`--resume` in an empty output folder starts a run (a job's first start), then
+    continues it (its requeue); without `--resume` a folder holding a checkpoint is a
+    one-line error and the checkpoint is untouched. (`--resume key=value`: argparse
+    takes the key for a path; main gives it back to the overrides.)"""
+    args = ["--preset", "demo", "--output-dir", str(tmp_path), "data.source=synthetic",
+            "data.synthetic_size=16", "data.num_workers=0", "data.n_local=2",
+            "train.batch_size=8", "model.out_dim=128", "model.patch_out_dim=128",
+            "model.head_hidden_dim=64", "model.head_bottleneck_dim=32"]
+    assert main(args + ["--resume", "train.stop_at_iter=1"]) == 0
+    assert checkpoint.load(tmp_path / "checkpoint.pth")["iteration"] == 1
+    assert main(args + ["--resume", "train.stop_at_iter=2"]) == 0
+    written = (tmp_path / "checkpoint.pth").read_bytes()
+    assert checkpoint.load(tmp_path / "checkpoint.pth")["iteration"] == 2
+    capsys.readouterr()
+    assert main(args + ["train.stop_at_iter=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ibot-fast: error: {tmp_path / 'checkpoint.pth'} holds an earlier run: "
+                   "add --resume to continue it, or pass another --output-dir (nothing was "
+                   "written)")
+    assert (tmp_path / "checkpoint.pth").read_bytes() == written
+
+
 def test_log_lines_follow_the_current_stdout(monkeypatch, capsys):
     """A run's log handler outlives the stdout it was set up under (a test's capsys, a
     notebook cell): records go to the stdout of the moment, not to a closed stream."""
