@@ -17,7 +17,7 @@ import argparse
 import sys
 import time
 
-from . import UserError
+from . import UserError, print_error
 
 
 def cmd_train(argv):
@@ -150,7 +150,7 @@ def main(argv=None):
     try:
         code = COMMANDS[argv[0]](argv[1:]) or 0
     except UserError as e:
-        print(f"ibot-fast: error: {e}", file=sys.stderr)
+        print_error(e)
         code = 2
     except BaseException:
         dist.destroy()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import UserError, checkpoint, dist, fsdp
+from . import UserError, checkpoint, dist, fsdp, print_error
 from .config import build_config, derived, to_dict
 from .data import build_train_loader
 from .logger import JsonLog, ProgressBar, setup_logging
@@ -638,7 +638,7 @@ def main(argv=None):
         result = train(cfg, resume_choice(cfg, args.resume))
         code = 0 if result["status"] in ("finished", "stopped", "preempted") else 1
     except UserError as e:
-        print(f"ibot-fast: error: {e}", file=sys.stderr)
+        print_error(e)
         code = 2
     except BaseException:
         dist.destroy()
