@@ -60,7 +60,7 @@ def check_config(cfg, precision: str, device: torch.device, world_size: int) -> 
     from . import UserError
 
     size = cfg.train.fsdp_shard_size
-    if size < 0 or size > world_size or (size and world_size % size):
+    if size > world_size or (size and world_size % size):  # (>= 0: config.validate)
         raise UserError(f"train.fsdp_shard_size={size} must divide the {world_size} "
                         "processes (e.g. the processes per node), or be 0 for all of them")
     for bad, why in ((cfg.loss.fused_last_layer, "loss.fused_last_layer=true (the loss "

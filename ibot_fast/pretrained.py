@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from . import UserError, checkpoint
+from .models import backbone_state_dict
 from .models.vit import resize_pos_embed
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,10 @@ def _split(state: dict) -> tuple:
     """(backbone, head) of a network's state dict: MultiCropWrapper keys (`backbone.*`,
     `head.*`), or a bare backbone, possibly with an iBOT/DINO head beside it (the official
     extract_backbone_weights.py --with_head) or a timm classifier (left out)."""
-    if any(k.startswith("backbone.") for k in state):
-        return ({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")},
-                {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
     head = {k[len("head."):]: v for k, v in state.items()
             if k.startswith("head.") and k not in _CLASSIFIER}
+    if any(k.startswith("backbone.") for k in state):
+        return backbone_state_dict(state), head
     backbone = {k: v for k, v in state.items()
                 if not k.startswith("head.") and k not in _CLASSIFIER}
     return backbone, head

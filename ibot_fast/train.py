@@ -241,9 +241,6 @@ class Trainer:
             losses = self.forward_masked(batch, global_crops, local_crops, masks, epoch)
         else:
             losses = self.forward_full(global_crops, local_crops, masks, epoch)
-        if self.koleo:
-            with phase("loss"):
-                self.add_koleo(losses)
         self.backward_and_step(losses["loss"], epoch, hp["momentum"])
         if not self.fuse_ema:
             with phase("ema"):
@@ -261,12 +258,14 @@ class Trainer:
         with phase("loss"):
             losses = self.loss(student_cls, student_patch, teacher_cls, teacher_patch, masks,
                                epoch)
-        return {**losses, "global_cls_tokens": cls_tokens[0]} if self.koleo else losses
+            if self.koleo:
+                self.add_koleo(losses, cls_tokens[0])
+        return losses
 
-    def add_koleo(self, losses: dict) -> None:
-        """DINOv2's KoLeo term on the student's backbone CLS tokens, each global crop's
-        over this process's images (loss.koleo_weight; in place: `koleo`, `loss`)."""
-        tokens = losses.pop("global_cls_tokens")
+    def add_koleo(self, losses: dict, tokens: torch.Tensor) -> None:
+        """DINOv2's KoLeo term on the student's backbone CLS tokens of the global crops
+        [2B, dim], each crop's over this process's images (loss.koleo_weight; in place:
+        `koleo`, `loss`)."""
         koleo = sum(koleo_loss(crop) for crop in tokens.chunk(2))
         losses["koleo"] = koleo
         losses["loss"] = losses["loss"] + self.cfg.loss.koleo_weight * koleo
@@ -294,7 +293,9 @@ class Trainer:
             losses = self.loss.forward_masked(student_cls, student_patch, teacher_cls,
                                               teacher_patch, masked.weight, count, epoch,
                                               patch_sum, last_layers)
-        return {**losses, "global_cls_tokens": cls_tokens[0]} if self.koleo else losses
+            if self.koleo:
+                self.add_koleo(losses, cls_tokens[0])
+        return losses
 
     def backward_and_step(self, loss: torch.Tensor, epoch: int, momentum: float) -> None:
         """Backward, drop frozen last-layer grads, clip, and step unless non-finite."""
