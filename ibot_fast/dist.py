@@ -1,4 +1,5 @@
-"""torch.distributed set-up for torchrun (NCCL on GPUs, gloo on the CPU). No launcher here.
+"""torch.distributed set-up for torchrun or `srun` (NCCL on GPUs, gloo on the CPU). No
+launcher here; SLURM's variables are read in `ibot_fast/slurm.py`.
 
 Single process: nothing is initialised and every helper degrades to the trivial answer.
 """
@@ -11,21 +12,28 @@ import torch.distributed as dist
 
 
 _created = False  # init() created the process group (so end() may end the process)
+srun_env: dict = {}  # the torchrun variables init() derived for an srun task ({}: none)
 
 
 def init(device_pref: str = "auto"):
-    """Initialise from torchrun's environment (a group that already exists is used as it
-    is). Returns (rank, world_size, device)."""
-    global _created
+    """Initialise from torchrun's environment, or an `srun` step's (a group that already
+    exists is used as it is). Returns (rank, world_size, device)."""
+    global _created, srun_env
+    from . import UserError, slurm
+    try:
+        srun_env = launched = slurm.torchrun_env()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    os.environ.update(launched)
     use_cuda = torch.cuda.is_available() and device_pref != "cpu"
     if device_pref == "cuda" and not torch.cuda.is_available():
-        from . import UserError
         raise UserError("train.device=cuda but no CUDA GPU is visible")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda and launched and torch.cuda.device_count() == 1:
+        local_rank = 0  # srun bound this task to its own GPU (--gpus-per-task, --gpu-bind)
     if use_cuda and local_rank >= torch.cuda.device_count():
-        from . import UserError
         raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA "
                         f"device(s) visible: start at most that many processes per node "
                         f"(or train.device=cpu)")

@@ -16,7 +16,8 @@ add `train.parallel=fsdp` (the vit_large_16_paper preset's choice). On several n
 across nodes.
 
 Several nodes: add `--nnodes N --node_rank R --master_addr HOST --master_port PORT` to
-torchrun on each node. Any config key can be overridden as `key=value` (see
+torchrun on each node. SLURM: one `srun` task per GPU, no torchrun (ibot_fast/slurm.py;
+examples/slurm_train.sbatch requeues itself at the time limit). Any config key can be overridden as `key=value` (see
 `ibot-fast keys`); `--resume` continues from <output_dir>/checkpoint.pth when it exists
 (or from a path), so the same command restarts a pre-empted job.
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from . import UserError, checkpoint, dist, fsdp, print_error
+from . import UserError, checkpoint, dist, fsdp, print_error, slurm
 from .config import build_config, derived, to_dict
 from .data import build_train_loader
 from .logger import JsonLog, ProgressBar, setup_logging
@@ -95,6 +96,9 @@ class Trainer:
         self.rank, self.world_size, self.device = dist.init(cfg.train.device)
         self.is_main = self.rank == 0
         setup_logging(self.is_main)
+        if dist.srun_env:
+            log.info("started by srun: %s processes, rendezvous at %s:%s",
+                     *(dist.srun_env[k] for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")))
         self.out_dir = Path(cfg.train.output_dir)
         self.derived = derived(cfg, self.world_size)
         self.precision = self._resolve_precision()
@@ -115,6 +119,7 @@ class Trainer:
         self.grad_norm = torch.zeros((), device=self.device)  # last step's, before clipping
         self.n_bad_images = 0
         self.stop_requested = False  # SIGTERM: checkpoint, then exit
+        self.requeue_requested = False  # SIGUSR2: checkpoint, requeue the SLURM job, exit
         self.save_requested = False  # SIGUSR1: checkpoint, then go on
         self.json_log = JsonLog(self.out_dir / "log.jsonl", enabled=self.is_main)
         if resume:
@@ -374,7 +379,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         previous = {sig: signal.signal(sig, self._on_signal)
-                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
+                    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
         self._write_config()
         bar = ProgressBar(cfg.train.epochs, self.iters_per_epoch, enabled=self.is_main)
         status = "finished"
@@ -424,10 +429,14 @@ class Trainer:
             # signals are acted on at a step boundary; with several processes only on
             # logging steps, where all of them agree (an all-reduce of the flags)
             if self.world_size == 1 or is_log_step:
-                stop, save = self._agreed_requests()
-                if stop:
+                stop, requeue, save = self._agreed_requests()
+                if stop or requeue:
                     self.save()
-                    return "preempted"
+                    if stop:  # SIGTERM wins: scancel must not bring the job back
+                        return "preempted"
+                    if self.is_main:
+                        slurm.requeue()
+                    return "requeued"
                 if save:
                     self.save()
         return "epoch"
@@ -487,19 +496,22 @@ class Trainer:
         if signum == signal.SIGTERM:
             log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
             self.stop_requested = True
+        elif signum == signal.SIGUSR2:
+            log.warning("SIGUSR2 (the SLURM time limit is near): saving a checkpoint at the "
+                        "next step boundary, then requeueing the job")
+            self.requeue_requested = True
         else:
             log.info("SIGUSR1: saving a checkpoint at the next step boundary")
             self.save_requested = True
 
     def _agreed_requests(self):
-        """(stop, save): local flags, or, with several processes, any process's flags."""
-        flags = (self.stop_requested, self.save_requested)
+        """(stop, requeue, save): local flags, or, with several processes, any process's."""
+        flags = (self.stop_requested, self.requeue_requested, self.save_requested)
         self.save_requested = False
         if self.world_size == 1:
             return flags
         t = torch.tensor([float(f) for f in flags], device=self.device)
-        stop, save = (bool(v > 0) for v in dist.all_reduce_(t).tolist())
-        return stop, save
+        return tuple(bool(v > 0) for v in dist.all_reduce_(t).tolist())
 
     def whole_teacher_backbone(self):
         """The teacher's backbone, whole, on rank 0 (None elsewhere). Under FSDP a copy
@@ -628,16 +640,21 @@ def resume_choice(cfg, resume):
     return resume
 
 
-def main(argv=None):
+def parse_args(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.resume and "=" in args.resume and not Path(args.resume).exists():
         # `--resume key=value ...`: argparse took the first override for the path
         args.overrides.insert(0, args.resume)
         args.resume = "auto"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         cfg = config_from_args(args)
         result = train(cfg, resume_choice(cfg, args.resume))
-        code = 0 if result["status"] in ("finished", "stopped", "preempted") else 1
+        code = 0 if result["status"] in ("finished", "stopped", "preempted", "requeued") else 1
     except UserError as e:
         print_error(e)
         code = 2

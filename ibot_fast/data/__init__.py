@@ -41,7 +41,7 @@ def resolve_pipeline(name: str, device: torch.device) -> str:
 class TrainLoader:
     """Batches for one process, epoch by epoch, resumable at a batch boundary.
 
-    The DataLoader's workers are persistent and ignore SIGTERM (see `_ignore_sigterm`), so
+    The DataLoader's workers are persistent and ignore SIGTERM (see `_ignore_signals`), so
     they must be shut down through the DataLoader's own protocol: `close()`, called by the
     trainer at the end and, as a safety net, at interpreter exit (before multiprocessing
     would try to terminate them with the very signal they ignore).
@@ -97,7 +97,7 @@ def build_train_loader(cfg, world_size=1, rank=0, index_rows=None, device=None) 
         dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         prefetch_factor=cfg.data.prefetch if workers > 0 else None,
-        worker_init_fn=_ignore_sigterm,
+        worker_init_fn=_ignore_signals,
         # its own generator: creating an iterator must not draw from the global RNG
         # (stochastic depth uses it, and a resumed run must see the same draws)
         generator=torch.Generator().manual_seed(cfg.train.seed))
@@ -112,7 +112,10 @@ def _shutdown_workers(loader):
     loader._iterator = None
 
 
-def _ignore_sigterm(_worker_id):
-    """Pre-emption sends SIGTERM to the whole process group: the workers ignore it, so
-    the main process can finish its step and save a checkpoint before they go away."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _ignore_signals(_worker_id):
+    """Pre-emption sends SIGTERM to the whole process group, and SLURM sends its
+    `--signal` (USR2 before the time limit; USR1 on request) to every process of the
+    step: the workers ignore them (by default USR1/USR2 would kill them), so the main
+    process can finish its step and save a checkpoint before they go away."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)

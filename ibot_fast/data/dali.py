@@ -514,13 +514,13 @@ class DaliTrainLoader:
                           else torch.cuda.current_device()) if self.gpu else None
         self.half = dtype in (torch.float16, torch.bfloat16)
         self.staging = torch.float16 if self.half else torch.float32
-        from . import _ignore_sigterm, _shutdown_workers
+        from . import _ignore_signals, _shutdown_workers
 
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch if num_workers > 0 else None,
-            worker_init_fn=_ignore_sigterm, generator=torch.Generator().manual_seed(seed))
+            worker_init_fn=_ignore_signals, generator=torch.Generator().manual_seed(seed))
         # the workers ignore SIGTERM: stop them through the DataLoader (see TrainLoader)
         self._finalizer = weakref.finalize(self, _shutdown_workers, self.loader)
         atexit.register(self._finalizer)
