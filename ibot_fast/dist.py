@@ -5,6 +5,7 @@ Single process: nothing is initialised and every helper degrades to the trivial 
 """
 import logging
 import os
+import socket
 import sys
 
 import torch
@@ -43,7 +44,24 @@ def init(device_pref: str = "auto"):
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         _created = True
+    if use_cuda and world_size > 1:
+        props = torch.cuda.get_device_properties(device)
+        gpu = (socket.gethostname(), str(getattr(props, "uuid", device.index)))
+        shared = shared_devices(all_gather_object(gpu))
+        if shared:
+            (host, uuid), ranks = shared[0]
+            raise UserError(f"processes {ranks} on {host} share one GPU ({uuid}): give each "
+                            "process its own (as many processes per node as GPUs; SLURM: "
+                            "--gpus-per-task=1 or --ntasks-per-node=<GPUs per node>)")
     return rank, world_size, device
+
+
+def shared_devices(devices: list) -> list:
+    """[(device, [ranks])] for each device that several ranks hold."""
+    holders = {}
+    for r, device in enumerate(devices):
+        holders.setdefault(tuple(device), []).append(r)
+    return [(device, ranks) for device, ranks in holders.items() if len(ranks) > 1]
 
 
 def is_initialized() -> bool:

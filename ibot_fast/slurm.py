@@ -6,20 +6,26 @@
 
 `srun` starts every process itself, so there is no torchrun to set RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT: `torchrun_env` derives them from the step's
-SLURM variables (the first host of the step's node list is the rendezvous host; the port
-comes from the job id, so every task of the step computes the same one). A process that
-torchrun started (WORLD_SIZE set) is left to torchrun, and a plain `python` inside a batch
-script (no step variables) is a single process.
+SLURM variables. The rendezvous host is the first host of the step's node list, where
+srun's block and cyclic distributions put task 0 (with `--distribution=arbitrary` or a
+host file, set MASTER_ADDR); the port is the step's reserved one, or derived from the job
+and step ids, so every task computes the same one. A process that torchrun started
+(RANK set) is left to torchrun, and a plain `python` inside a batch script (no step
+variables) is a single process.
 
 Time limits: `--signal=USR2@300` makes SLURM send SIGUSR2 to every task 300 s before the
 limit; the trainer saves a checkpoint at the next step boundary where all processes
-agree, rank 0 calls `scontrol requeue` on the job, and every process exits 0. The job
-then waits in the queue and its next start (`--resume`) continues the run. SIGTERM
-(`scancel`, pre-emption) saves and exits without requeueing.
+agree, then rank 0 calls `scontrol requeue` on the job and every process exits 0 (1 on
+rank 0 when the job could not be requeued). The job then waits in the queue and its
+next start (`--resume`) continues the run. SIGTERM (`scancel`, pre-emption) saves and
+exits without requeueing; SLURM waits only KillWait (30 s by default) before SIGKILL,
+which may be too short to reach the next logging step, so time limits should use the
+early SIGUSR2.
 """
 import logging
 import os
 import re
+import signal
 import subprocess
 
 log = logging.getLogger("ibot_fast")
@@ -34,10 +40,11 @@ def expand_hostlist(hostlist: str) -> list:
     hosts = []
     for name in _split_top_level(hostlist.strip()):
         expanded = [""]
-        for literal, ranges in re.findall(r"([^\[\]]*)(?:\[([^\[\]]*)\])?", name):
-            if not literal and ranges == "":
+        for m in re.finditer(r"([^\[\]]*)(?:\[([^\[\]]*)\])?", name):
+            literal, ranges = m.group(1), m.group(2)
+            if not literal and ranges is None:
                 continue
-            choices = _expand_ranges(ranges, hostlist) if ranges else [""]
+            choices = [""] if ranges is None else _expand_ranges(ranges, hostlist)
             expanded = [head + literal + c for head in expanded for c in choices]
         hosts.extend(expanded)
     if not hosts or any(not h for h in hosts):
@@ -73,9 +80,10 @@ def _expand_ranges(ranges: str, hostlist: str) -> list:
 
 
 def is_srun_step(environ=None) -> bool:
-    """Started by `srun` (a job step's task), not by torchrun."""
+    """Started by `srun` (a job step's task), not by torchrun (which sets RANK; a
+    WORLD_SIZE exported by the batch script alone does not count)."""
     env = os.environ if environ is None else environ
-    return "WORLD_SIZE" not in env and "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env
+    return "RANK" not in env and "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env
 
 
 def torchrun_env(environ=None) -> dict:
@@ -88,14 +96,26 @@ def torchrun_env(environ=None) -> dict:
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
     if "MASTER_ADDR" not in env and not nodelist:
         raise ValueError("an srun step without SLURM_STEP_NODELIST: set MASTER_ADDR")
-    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "0"
     return {
         "RANK": env["SLURM_PROCID"],
         "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         "MASTER_ADDR": env.get("MASTER_ADDR") or expand_hostlist(nodelist)[0],
-        "MASTER_PORT": env.get("MASTER_PORT") or str(PORT_BASE + int(job) % PORT_SPAN),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(rendezvous_port(env)),
     }
+
+
+def rendezvous_port(env) -> int:
+    """A port every task of the step computes alike: the first port SLURM reserved for
+    the step (`srun --resv-ports`) when there is one, else one derived from the job and
+    step ids (two steps of one job running side by side get different ports)."""
+    reserved = env.get("SLURM_STEP_RESV_PORTS", "")
+    if re.match(r"\d+", reserved):
+        return int(re.match(r"\d+", reserved).group())
+    job = int(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or 0)
+    step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or "0"
+    step = int(step) if step.isdigit() else 0
+    return PORT_BASE + (job * 101 + step) % PORT_SPAN
 
 
 def job_id():
@@ -106,9 +126,21 @@ def job_id():
     return env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
 
 
+def requeue_job() -> bool:
+    """The training command's last act after SIGUSR2, once the checkpoint is written and
+    the trainer closed, on every process: rank 0 requeues the job. `scontrol requeue`
+    sends SIGTERM to every task of the job; they are leaving anyway, so they ignore it
+    (after the barrier: all are past their last collective) and exit 0. False on rank 0
+    when the job could not be requeued."""
+    from . import dist
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    dist.barrier()
+    return requeue() if dist.is_main() else True
+
+
 def requeue() -> bool:
-    """Put this job back in the queue (`scontrol requeue`); True when scontrol accepted.
-    Called by rank 0 only, after the checkpoint is written."""
+    """Put this job back in the queue (`scontrol requeue`); True when scontrol accepted."""
     job = job_id()
     if job is None:
         log.warning("SIGUSR2 outside a SLURM job: the checkpoint is saved, nothing requeued")

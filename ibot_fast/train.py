@@ -17,8 +17,8 @@ across nodes.
 
 Several nodes: add `--nnodes N --node_rank R --master_addr HOST --master_port PORT` to
 torchrun on each node. SLURM: one `srun` task per GPU, no torchrun (ibot_fast/slurm.py;
-examples/slurm_train.sbatch requeues itself at the time limit). Any config key can be overridden as `key=value` (see
-`ibot-fast keys`); `--resume` continues from <output_dir>/checkpoint.pth when it exists
+examples/slurm_train.sbatch requeues itself at the time limit). Any config key can be
+overridden as `key=value` (see `ibot-fast keys`); `--resume` continues from <output_dir>/checkpoint.pth when it exists
 (or from a path), so the same command restarts a pre-empted job.
 
 The step (`Trainer.train_step`) reads top to bottom: schedules, teacher forward, student
@@ -95,6 +95,10 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world_size, self.device = dist.init(cfg.train.device)
         self.is_main = self.rank == 0
+        if self.world_size > 1 and len(set(dist.all_gather_object(str(resume)))) > 1:
+            raise UserError(f"the processes disagree on whether to resume (some see "
+                            f"{cfg.train.output_dir}/checkpoint.pth, some do not): the output "
+                            "folder must be on a file system that every node shares")
         setup_logging(self.is_main)
         if dist.srun_env:
             log.info("started by srun: %s processes, rendezvous at %s:%s",
@@ -121,6 +125,7 @@ class Trainer:
         self.stop_requested = False  # SIGTERM: checkpoint, then exit
         self.requeue_requested = False  # SIGUSR2: checkpoint, requeue the SLURM job, exit
         self.save_requested = False  # SIGUSR1: checkpoint, then go on
+        self.saved_at = -1  # the iteration of the last checkpoint this process wrote
         self.json_log = JsonLog(self.out_dir / "log.jsonl", enabled=self.is_main)
         if resume:
             self.load(self.out_dir / "checkpoint.pth" if resume == "auto" else Path(resume))
@@ -389,6 +394,11 @@ class Trainer:
                 if status != "epoch":
                     break
                 self.end_of_epoch()
+                if self.epoch < cfg.train.epochs:
+                    # a signal during the epoch's last batch: after its k-NN and checkpoint
+                    status = self._act_on_requests() or status
+                    if status != "epoch":
+                        break
             else:
                 status = "finished"
         finally:
@@ -427,18 +437,13 @@ class Trainer:
                 self.save()
                 return "stopped"
             # signals are acted on at a step boundary; with several processes only on
-            # logging steps, where all of them agree (an all-reduce of the flags)
-            if self.world_size == 1 or is_log_step:
-                stop, requeue, save = self._agreed_requests()
-                if stop or requeue:
-                    self.save()
-                    if stop:  # SIGTERM wins: scancel must not bring the job back
-                        return "preempted"
-                    if self.is_main:
-                        slurm.requeue()
-                    return "requeued"
-                if save:
-                    self.save()
+            # logging steps, where all of them agree (an all-reduce of the flags); on the
+            # epoch's last batch after the epoch's end (run)
+            last_batch = self.batch_in_epoch == self.iters_per_epoch
+            if (self.world_size == 1 or is_log_step) and not last_batch:
+                status = self._act_on_requests()
+                if status:
+                    return status
         return "epoch"
 
     def end_of_epoch(self):
@@ -503,6 +508,15 @@ class Trainer:
         else:
             log.info("SIGUSR1: saving a checkpoint at the next step boundary")
             self.save_requested = True
+
+    def _act_on_requests(self):
+        """Checkpoint if a signal asked for it; returns the status to stop with
+        ("preempted": SIGTERM, which wins, so scancel never brings a job back;
+        "requeued": SIGUSR2, the command then requeues the job) or None to go on."""
+        stop, requeue, save = self._agreed_requests()
+        if (stop or requeue or save) and self.saved_at != self.iteration:
+            self.save()
+        return "preempted" if stop else "requeued" if requeue else None
 
     def _agreed_requests(self):
         """(stop, requeue, save): local flags, or, with several processes, any process's."""
@@ -574,6 +588,7 @@ class Trainer:
                 checkpoint.copy(path, self.out_dir / also)
             log.info("checkpoint: %s (epoch %d, iteration %d)", path, self.epoch, self.iteration)
         dist.barrier()
+        self.saved_at = self.iteration
 
     def load(self, path: Path):
         ckpt = checkpoint.load(path, mmap=True)  # no whole copy per process in host memory
@@ -637,6 +652,10 @@ def resume_choice(cfg, resume):
     if resume is None and ckpt.is_file():
         raise UserError(f"{ckpt} holds an earlier run: add --resume to continue it, or "
                         "pass another --output-dir (nothing was written)")
+    if resume not in (None, "auto") and ckpt.is_file() and \
+            Path(resume).resolve() != ckpt.resolve():
+        raise UserError(f"{ckpt} holds another run, which continuing {resume} there would "
+                        "overwrite: pass another --output-dir (nothing was written)")
     return resume
 
 
@@ -654,6 +673,8 @@ def main(argv=None):
     try:
         cfg = config_from_args(args)
         result = train(cfg, resume_choice(cfg, args.resume))
+        if result["status"] == "requeued" and not slurm.requeue_job():
+            result["status"] = "not requeued"  # the checkpoint is saved; exit 1 tells
         code = 0 if result["status"] in ("finished", "stopped", "preempted", "requeued") else 1
     except UserError as e:
         print_error(e)

@@ -206,6 +206,28 @@ def test_the_command_resumes_when_it_can_and_never_overwrites(tmp_path, capsys):
     assert (tmp_path / "checkpoint.pth").read_bytes() == written
 
 
+def test_resume_refuses_to_overwrite_another_run_or_to_split_the_processes(tmp_path,
+                                                                          monkeypatch):
+    """`--resume OTHER` into a folder that holds its own checkpoint would overwrite it;
+    processes that disagree on resuming (an output folder not shared by every node)
+    are stopped before anything is built."""
+    from ibot_fast import dist
+    from ibot_fast.train import resume_choice
+
+    cfg = tiny_config(tmp_path)
+    (tmp_path / "checkpoint.pth").write_bytes(b"x")
+    other = tmp_path / "other.pth"
+    with pytest.raises(UserError, match="holds another run, which continuing"):
+        resume_choice(cfg, str(other))
+    assert resume_choice(cfg, str(tmp_path / "checkpoint.pth")) == str(tmp_path /
+                                                                       "checkpoint.pth")
+    assert resume_choice(cfg, "auto") == "auto"
+    monkeypatch.setattr(dist, "init", lambda device: (0, 2, torch.device("cpu")))
+    monkeypatch.setattr(dist, "all_gather_object", lambda obj: [obj, "None"])
+    with pytest.raises(UserError, match="the processes disagree on whether to resume"):
+        Trainer(cfg, resume="auto")
+
+
 def test_log_lines_follow_the_current_stdout(monkeypatch, capsys):
     """A run's log handler outlives the stdout it was set up under (a test's capsys, a
     notebook cell): records go to the stdout of the moment, not to a closed stream."""
