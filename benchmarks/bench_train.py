@@ -230,7 +230,8 @@ def configs(args):
             if impl == "fast":
                 extra += [f"model.pack_crops={args.pack}", f"loss.center2_from={args.center2}",
                           f"loss.fused_last_layer={args.fused_last_layer}",
-                          f"optim.fuse_ema={args.fuse_ema}", f"model.attention={args.attention}",
+                          f"optim.fuse_ema={args.fuse_ema}", f"optim.clip_mode={args.clip_mode}",
+                          f"model.attention={args.attention}",
                           f"model.efficient_drop_path={args.efficient_drop_path}",
                           f"model.activation_checkpointing={args.checkpointing}"]
             else:
@@ -257,6 +258,8 @@ def get_args_parser():
     p.add_argument("--attention", default="auto")
     p.add_argument("--fused-last-layer", default="false")
     p.add_argument("--fuse-ema", default="false")
+    p.add_argument("--clip-mode", default="per_param", choices=("per_param", "global"),
+                   help="fast path's gradient clipping (the reference path: per_param)")
     p.add_argument("--efficient-drop-path", default="true")
     p.add_argument("--checkpointing", default="none", choices=CHECKPOINTING,
                    help="fast path: model.activation_checkpointing")

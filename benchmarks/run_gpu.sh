@@ -117,7 +117,8 @@ PY
     bench 90 bench_train --impls reference --reference-math --results-name train ;;
   train_variants) step "full step: fast-path options one at a time (ViT-B/16)"
     for opt in "--efficient-drop-path false" "--pack false" "--fused-last-layer true" \
-               "--fuse-ema true" "--center2 all" "--checkpointing selective" \
+               "--fuse-ema true" "--clip-mode global" "--fuse-ema true --clip-mode global" \
+               "--center2 all" "--checkpointing selective" \
                "--checkpointing selective_mlp" "--checkpointing full" "--attention varlen"; do
       echo "-- $opt" | tee -a "$LOG"
       bench 60 bench_train --models vit_base --impls fast --steps 10 --no-phases $opt \

@@ -65,6 +65,7 @@ class MaskConfig:
     pred_ratio: Tuple[float, ...] = (0.0, 0.3)  # centres of the ratio choices (official flag)
     pred_ratio_var: Tuple[float, ...] = (0.0, 0.2)  # half-widths of the ratio choices
     pred_start_epoch: int = 0  # no masking before this epoch
+    pred_shape: str = "block"  # block (BEiT's blocks) | rand (uniform patches), official flag
     pred_aspect: float = 0.3  # block aspect ratio is log-uniform in (a, 1/a)
     max_masked_fraction: float = 0.5  # iid sampler: masked-token buffer bound (see masking.py)
 
@@ -97,7 +98,7 @@ class OptimConfig:
     weight_decay: float = 0.04  # initial weight decay (cosine schedule)
     weight_decay_end: float = 0.4  # final weight decay
     clip_grad: float = 3.0  # max gradient norm; 0 disables clipping
-    clip_mode: str = "global"  # global (one norm over all parameters) | per_param (official)
+    clip_mode: str = "per_param"  # per_param (official: each tensor on its own) | global
     freeze_last_layer: int = 1  # epochs during which the last layer's gradients are dropped
     momentum_teacher: float = 0.996  # teacher EMA momentum, cosine to 1
     fuse_ema: bool = False  # fast path: AdamW step and teacher EMA in one Triton pass
@@ -291,6 +292,7 @@ _CHOICES = {
     "loss.centering": ("center", "sinkhorn"),
     "optim.name": ("adamw", "apex_adamw", "apex_lamb"),
     "optim.clip_mode": ("global", "per_param"),
+    "masks.pred_shape": ("block", "rand"),
     "train.impl": ("reference", "fast"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),

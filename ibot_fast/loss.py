@@ -30,9 +30,14 @@ import torch.nn.functional as F
 N_GLOBAL = 2
 
 
-def teacher_temp_schedule(warmup_temp, temp, warmup_epochs, n_epochs) -> np.ndarray:
-    """Per-epoch teacher temperature: linear warm-up over warmup_epochs, then constant."""
-    warm = np.linspace(warmup_temp, temp, warmup_epochs)
+def teacher_temp_schedule(warmup_temp, temp, warmup_epochs, n_epochs,
+                          delay_epochs=0) -> np.ndarray:
+    """Per-epoch teacher temperature: linear warm-up over warmup_epochs, then constant.
+    `delay_epochs` holds the warm-up value first (the official patch temperature waits
+    for masking to start, `pred_start_epoch`)."""
+    warm = np.concatenate((np.ones(delay_epochs) * warmup_temp,
+                           np.linspace(warmup_temp, temp, warmup_epochs)))
+    warmup_epochs += delay_epochs
     rest = np.ones(max(0, n_epochs - warmup_epochs)) * temp
     return np.concatenate((warm, rest))[:max(n_epochs, 1)] if n_epochs else warm
 
@@ -102,7 +107,7 @@ class IBOTLoss(nn.Module):
                  teacher_temp, warmup_teacher_patch_temp, teacher_patch_temp,
                  warmup_teacher_temp_epochs, n_epochs, student_temp=0.1, center_momentum=0.9,
                  center_momentum2=0.9, lambda1=1.0, lambda2=1.0, impl="reference",
-                 centering="center"):
+                 centering="center", mim_start_epoch=0):
         super().__init__()
         if impl not in ("reference", "fast"):
             raise ValueError(f"impl must be 'reference' or 'fast', got {impl!r}")
@@ -121,7 +126,8 @@ class IBOTLoss(nn.Module):
         self.teacher_temps = teacher_temp_schedule(
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, n_epochs)
         self.teacher_patch_temps = teacher_temp_schedule(
-            warmup_teacher_patch_temp, teacher_patch_temp, warmup_teacher_temp_epochs, n_epochs)
+            warmup_teacher_patch_temp, teacher_patch_temp, warmup_teacher_temp_epochs, n_epochs,
+            delay_epochs=mim_start_epoch)
         self._pending = None  # an all-reduce of center statistics still in flight
 
     def teacher_temp(self, epoch) -> float:
@@ -318,4 +324,5 @@ def build_loss(cfg, impl: str = None) -> IBOTLoss:
         warmup_teacher_temp_epochs=c.warmup_teacher_temp_epochs, n_epochs=cfg.train.epochs,
         student_temp=c.student_temp, center_momentum=c.center_momentum,
         center_momentum2=c.center_momentum2, lambda1=c.lambda1, lambda2=c.lambda2,
-        impl=impl or cfg.train.impl, centering=c.centering)
+        impl=impl or cfg.train.impl, centering=c.centering,
+        mim_start_epoch=cfg.masks.pred_start_epoch if cfg.masks.enabled else 0)

@@ -12,6 +12,10 @@ equal strata of [lo, hi], and each block mask is topped up to its target by grow
 blocks, so the number of masked tokens per batch is the same every step (static shapes
 for buffers, kernels and CUDA graphs). Which crops are masked is shuffled.
 
+`pred_shape` is the official flag: "block" (the above) or "rand" (the patches to mask
+drawn uniformly without replacement, exactly the target count: the official "Rand"
+models, e.g. ViT-B/16 at 77.3% k-NN).
+
 Masks are bool [n, H*W] in row-major patch order. All randomness comes from a
 `random.Random` passed in (or owned by the sampler), so a sample's mask is a function of
 its seed: resuming, worker counts and world sizes do not change it.
@@ -64,6 +68,16 @@ def block_mask(grid: Tuple[int, int], target: int, rng: random.Random, min_patch
     return mask
 
 
+def rand_mask(grid: Tuple[int, int], target: int, rng: random.Random) -> np.ndarray:
+    """Exactly `target` patches, chosen uniformly without replacement (official "rand")."""
+    mask = np.zeros(grid[0] * grid[1], dtype=bool)
+    mask[rng.sample(range(mask.size), target)] = True
+    return mask.reshape(grid)
+
+
+SHAPES = ("block", "rand")
+
+
 def grow_to(mask: np.ndarray, target: int, rng: random.Random) -> np.ndarray:
     """Add patches next to the existing blocks (4-neighbours) until `target` are masked."""
     H, W = mask.shape
@@ -88,8 +102,11 @@ class BlockMaskSampler:
 
     def __init__(self, grid_size=(14, 14), pred_ratio: Ratio = (0.0, 0.3),
                  pred_ratio_var: Ratio = (0.0, 0.2), min_aspect: float = 0.3,
-                 min_num_patches: int = None, seed: int = None):
+                 min_num_patches: int = None, seed: int = None, shape: str = "block"):
+        if shape not in SHAPES:
+            raise ValueError(f"mask shape {shape!r} is not one of {', '.join(SHAPES)}")
         self.grid = tuple(grid_size)
+        self.shape = shape
         self.pred_ratio = _as_tuple(pred_ratio)
         self.pred_ratio_var = _as_tuple(pred_ratio_var)
         if len(self.pred_ratio_var) == 1 and len(self.pred_ratio) > 1:
@@ -116,6 +133,8 @@ class BlockMaskSampler:
 
     def one(self, rng: random.Random) -> np.ndarray:
         target = int(self.draw_ratio(rng) * self.num_patches)
+        if self.shape == "rand":
+            return rand_mask(self.grid, target, rng)
         return block_mask(self.grid, target, rng, self.min_patches, self.log_aspect)
 
     def __call__(self, n: int, rng: random.Random = None) -> torch.Tensor:
@@ -140,8 +159,11 @@ class StratifiedMaskSampler:
 
     def __init__(self, grid_size=(14, 14), ratio_range=(0.1, 0.5),
                  mask_probability: float = 0.5, min_aspect: float = 0.3,
-                 min_num_patches: int = None, seed: int = None):
+                 min_num_patches: int = None, seed: int = None, shape: str = "block"):
+        if shape not in SHAPES:
+            raise ValueError(f"mask shape {shape!r} is not one of {', '.join(SHAPES)}")
         self.grid = tuple(grid_size)
+        self.shape = shape
         self.ratio_range = tuple(ratio_range)
         self.mask_probability = mask_probability
         self.log_aspect = (math.log(min_aspect), math.log(1.0 / min_aspect))
@@ -168,6 +190,9 @@ class StratifiedMaskSampler:
         rows = list(range(n))
         rng.shuffle(rows)
         for row, target in zip(rows, targets):
+            if self.shape == "rand":
+                masks[row] = rand_mask(self.grid, target, rng).reshape(-1)
+                continue
             m = block_mask(self.grid, target, rng, self.min_patches, self.log_aspect)
             masks[row] = grow_to(m, target, rng).reshape(-1)
         return torch.from_numpy(masks)
@@ -183,14 +208,15 @@ def sampler_from_config(mcfg, grid) -> Union[BlockMaskSampler, StratifiedMaskSam
     and the others the ratio range: (0, 0.3) +- (0, 0.2) -> p = 1/2, range (0.1, 0.5).
     """
     if mcfg.sampler == "iid":
-        return BlockMaskSampler(grid, mcfg.pred_ratio, mcfg.pred_ratio_var, mcfg.pred_aspect)
+        return BlockMaskSampler(grid, mcfg.pred_ratio, mcfg.pred_ratio_var, mcfg.pred_aspect,
+                                shape=mcfg.pred_shape)
     nonzero = [(r, v) for r, v in zip(mcfg.pred_ratio, mcfg.pred_ratio_var) if r + v > 0]
     if not nonzero:
         raise ValueError("masks.sampler=stratified needs a non-zero masks.pred_ratio")
     lo = min(r - v for r, v in nonzero)
     hi = max(r + v for r, v in nonzero)
     p = len(nonzero) / len(mcfg.pred_ratio)
-    return StratifiedMaskSampler(grid, (lo, hi), p, mcfg.pred_aspect)
+    return StratifiedMaskSampler(grid, (lo, hi), p, mcfg.pred_aspect, shape=mcfg.pred_shape)
 
 
 def buffer_rows(sampler, n_crops: int, sigmas: float = 6.0, multiple: int = 64) -> int:

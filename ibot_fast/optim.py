@@ -75,10 +75,10 @@ def clip_gradients(params, max_norm: float, mode: str = "global"):
     if mode == "global":
         return torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
                                               max_norm, foreach=True)
-    norms = torch._foreach_norm(grads)
-    coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, coefs)
-    return torch.linalg.vector_norm(torch.stack(norms))
+    norms = torch.stack(torch._foreach_norm(grads)).float()
+    coefs = torch.clamp(max_norm / (norms + 1e-6), max=1.0)  # one op for all tensors
+    torch._foreach_mul_(grads, list(coefs.unbind()))
+    return torch.linalg.vector_norm(norms)
 
 
 @torch.no_grad()

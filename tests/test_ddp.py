@@ -187,7 +187,7 @@ def test_hsdp_edge_shard_sizes_match_one(tmp_path, shard_size, held):
     """The two ends of train.fsdp_shard_size on 4 processes, global-norm clipping: 1
     (every process a whole replica, DDP through FSDP) and 4 (one group: plain FSDP, a
     1-D mesh) equal one process and hold the expected part of the student."""
-    overrides = COMMON + ["train.impl=fast", "optim.clip_grad=0.05"]
+    overrides = COMMON + ["train.impl=fast", "optim.clip_grad=0.05", "optim.clip_mode=global"]
     saved = torchrun(tmp_path / "run", *overrides, *FSDP, f"train.fsdp_shard_size={shard_size}",
                      nproc=4)
     total = sum(v.numel() for v in saved["student"].values())

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from ibot_fast.loss import IBOTLoss
+from ibot_fast.config import build_config
+from ibot_fast.loss import IBOTLoss, build_loss
 from ibot_fast.reference.loss import center_update_loop, ibot_loss_loop
 
 B, N, K, K2 = 3, 6, 17, 11
@@ -121,6 +122,23 @@ def test_teacher_temperature_schedule():
     assert loss.teacher_temp(1.5) == pytest.approx(0.055)
     assert loss.teacher_patch_temp(0) == pytest.approx(0.04)
     np.testing.assert_allclose(loss.teacher_temps[:4], [0.04, 0.05, 0.06, 0.07])
+
+
+def test_the_patch_temperature_waits_for_masking_to_start():
+    """Official: with pred_start_epoch > 0 the patch temperature holds its warm-up value
+    until masking starts, then warms up; the CLS temperature does not wait."""
+    loss = make_loss(0, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                     warmup_teacher_temp_epochs=4, n_epochs=10, mim_start_epoch=3)
+    np.testing.assert_allclose(loss.teacher_patch_temps,
+                               [0.04] * 3 + [0.04, 0.05, 0.06, 0.07] + [0.07] * 3)
+    np.testing.assert_allclose(loss.teacher_temps[:4], [0.04, 0.05, 0.06, 0.07])
+    temps = ["loss.warmup_teacher_patch_temp=0.04", "loss.teacher_patch_temp=0.07",
+             "loss.warmup_teacher_temp_epochs=5", "masks.pred_start_epoch=2"]
+    delayed = build_loss(build_config("demo", temps))
+    assert [delayed.teacher_patch_temp(e) for e in (1, 2, 4, 6)] == pytest.approx(
+        [0.04, 0.04, 0.055, 0.07])
+    no_masks = build_loss(build_config("demo", temps + ["masks.enabled=false"]))
+    assert no_masks.teacher_patch_temp(4) == pytest.approx(0.07)
 
 
 def test_unmasked_batch_gives_zero_patch_term():

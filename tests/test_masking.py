@@ -133,3 +133,35 @@ def test_buffer_rows_bounds_the_iid_total():
     assert max(totals) < rows
     strat = StratifiedMaskSampler(grid_size=(14, 14))
     assert buffer_rows(strat, 256) == strat.total(256)
+
+
+def test_rand_shape_masks_exact_counts_of_uniformly_scattered_patches():
+    """Official pred_shape=rand: each crop's int(r N) patches drawn uniformly without
+    replacement: exact counts (block masks may fall short), every position equally
+    likely, and scattered (many more components than block masks)."""
+    from ibot_fast.config import build_config
+
+    cfg = build_config("vit_small_16_paper", ["masks.pred_shape=rand", "data.path=x"]).masks
+    sampler = sampler_from_config(cfg, (14, 14))
+    assert isinstance(sampler, BlockMaskSampler) and sampler.shape == "rand"
+    rng = random.Random(0)
+    ratios = [sampler.draw_ratio(random.Random(i)) for i in range(2000)]
+    masks = torch.stack([torch.from_numpy(sampler.one(random.Random(i)).reshape(-1))
+                         for i in range(2000)])
+    assert masks.sum(1).tolist() == [int(r * 196) for r in ratios]
+    per_position = masks.float().mean(0)
+    # 2000 crops at mean ratio ~0.15: each position's rate within 5 sd of the mean
+    mean = per_position.mean()
+    assert (per_position - mean).abs().max() < 5 * (mean * (1 - mean) / 2000) ** 0.5
+    block = BlockMaskSampler((14, 14), 0.3, 0.0, seed=0)(50).numpy()
+    scattered = BlockMaskSampler((14, 14), 0.3, 0.0, seed=0, shape="rand")(50).numpy()
+    assert np.mean([components(m, (14, 14)) for m in scattered]) > \
+        3 * np.mean([components(m, (14, 14)) for m in block])
+
+    stratified = sampler_from_config(
+        build_config("vit_small_16_paper", ["masks.pred_shape=rand", "data.path=x",
+                                            "masks.sampler=stratified"]).masks, (14, 14))
+    totals = {int(stratified(64, rng).sum()) for _ in range(5)}
+    assert totals == {stratified.total(64)}
+    with pytest.raises(ValueError, match="mask shape 'ring' is not one of block, rand"):
+        BlockMaskSampler((14, 14), shape="ring")

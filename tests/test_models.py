@@ -1,10 +1,12 @@
 """ViT backbone and iBOT head (DESIGN.md §1.3)."""
+import math
+
 import pytest
 import torch
 
 from ibot_fast.config import build_config
 from ibot_fast.models import IBOTHead, build_student_teacher
-from ibot_fast.models.vit import vit
+from ibot_fast.models.vit import resize_pos_embed, vit
 
 
 def test_mask_token_replaces_patch_embedding_before_position():
@@ -40,15 +42,41 @@ def test_vit_small_shapes(size, tokens):
     assert out.shape == (1, tokens, 384)
 
 
-def test_position_embedding_interpolation_is_bicubic():
-    model = vit("vit_demo", 32, 4)
-    pos = model.interpolate_pos_embed(4, 4)
-    assert pos.shape == (1, 17, 128)
-    grid = model.pos_embed[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
-    expected = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bicubic",
-                                               align_corners=False)
-    torch.testing.assert_close(pos[0, 1:], expected.permute(0, 2, 3, 1).reshape(16, -1)[None][0])
-    assert model.interpolate_pos_embed(8, 8) is model.pos_embed
+def bicubic_matrix(n_in: int, n_out: int, step: float) -> torch.Tensor:
+    """[n_out, n_in] weights of bicubic sampling (Keys, a = -0.75, edges clamped) at
+    positions step x (i + 0.5) - 0.5: written out, not torch's kernel."""
+    a = -0.75
+
+    def kernel(x):
+        x = abs(x)
+        if x <= 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a if x < 2 else 0.0
+
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        pos = step * (i + 0.5) - 0.5
+        base = math.floor(pos)
+        for j in range(-1, 3):
+            weights[i, min(max(base + j, 0), n_in - 1)] += kernel(j - (pos - base))
+    return weights
+
+
+@pytest.mark.parametrize("side, out", [(14, 6), (8, 4), (8, 5)])
+def test_position_embeddings_are_resampled_as_the_official_code_does(side, out):
+    """The official interpolate_pos_encoding samples the 14 x 14 table every 14 / 6.1
+    cells for a 6 x 6 grid (scale factor (6 + 0.1) / 14), not every 14 / 6."""
+    pos = torch.randn(1, 1 + side * side, 8, dtype=torch.float64)
+    got = resize_pos_embed(pos, out, out)
+    assert got.shape == (1, 1 + out * out, 8) and torch.equal(got[:, 0], pos[:, 0])
+    grid = pos[0, 1:].reshape(side, side, 8)
+    official = bicubic_matrix(side, out, side / (out + 0.1))
+    expected = torch.einsum("oi,ijc,pj->opc", official, grid, official).reshape(-1, 8)
+    torch.testing.assert_close(got[0, 1:], expected, rtol=1e-5, atol=1e-5)  # fp32 inside
+    by_size = bicubic_matrix(side, out, side / out)
+    other = torch.einsum("oi,ijc,pj->opc", by_size, grid, by_size).reshape(-1, 8)
+    assert (other - expected).abs().max() > 0.05  # the two rules differ
+    assert resize_pos_embed(pos, side, side) is pos
 
 
 def test_stochastic_depth_only_in_training():

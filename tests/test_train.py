@@ -149,6 +149,50 @@ def test_non_finite_loss_is_skipped_then_aborts(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoint.pth").exists()
 
 
+def official_clip_(params, clip):
+    """The official iBOT/DINO `clip_gradients`, as written there: each tensor alone."""
+    for p in params:
+        if p.grad is not None:
+            norm = p.grad.norm(2)
+            coef = clip / (norm + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_clipping_is_the_official_per_tensor_rule_by_default(tmp_path, impl):
+    """Default optim.clip_mode=per_param clips each gradient tensor to the max norm on its
+    own, as the official code does (on the fast path's flat buffers too); `global`
+    scales all of them by one coefficient, as torch's clip_grad_norm_ does."""
+    trainer = Trainer(tiny_config(tmp_path, "optim.clip_grad=0.01", impl=impl))
+    assert trainer.cfg.optim.clip_mode == "per_param"
+    torch.manual_seed(0)
+    for p in trainer.student_params:  # some above the max norm, some not; written into
+        g = torch.randn_like(p) * torch.rand(()) * 0.02  # the flat buffers' views if any
+        p.grad = g if p.grad is None else p.grad.copy_(g)
+    grads = [p.grad.clone() for p in trainer.student_params]
+    expected = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for e, g in zip(expected, grads):
+        e.grad = g.clone()
+    official_clip_(expected, 0.01)
+    norm = trainer.clip_gradients()
+    for p, e in zip(trainer.student_params, expected):
+        torch.testing.assert_close(p.grad, e.grad)
+    assert sum(not torch.equal(g, e.grad) for g, e in zip(grads, expected)) > 10
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(
+        torch.stack([g.norm() for g in grads])))
+
+    trainer.cfg.optim.clip_mode = "global"
+    for p, g in zip(trainer.student_params, grads):
+        p.grad.copy_(g)
+    for e, g in zip(expected, grads):
+        e.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(expected, 0.01)
+    trainer.clip_gradients()
+    for p, e in zip(trainer.student_params, expected):
+        torch.testing.assert_close(p.grad, e.grad)
+
+
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     cfg = tiny_config(tmp_path)
     trainer = Trainer(cfg)

@@ -269,14 +269,21 @@ add_rows.register_autograd(_add_rows_backward, setup_context=_add_rows_setup)
 
 def resize_pos_embed(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """[1, 1 + side^2, dim] position embeddings (CLS first, a square grid) for an h x w
-    grid: the patch part resized bicubically in fp32, the CLS part kept."""
+    grid: the patch part resized bicubically in fp32, the CLS part kept.
+
+    As the official DINO/iBOT (and DINOv2) code does, the scale factor is given, not the
+    size: (h + 0.1) / side, so the output samples the grid every side / (h + 0.1) cells
+    (14 -> 6 for 96 px local crops: a step of 2.30 cells, where size=(6, 6) would step
+    by 2.33 and give other values), and the + 0.1 keeps floor(side x scale) at h."""
     side = int(math.sqrt(pos_embed.shape[1] - 1))
     if h == side and w == side:
         return pos_embed
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic",
-                              align_corners=False).to(patch_pos.dtype)
+    patch_pos = F.interpolate(patch_pos.float(), scale_factor=((h + 0.1) / side,
+                                                               (w + 0.1) / side),
+                              mode="bicubic", align_corners=False).to(patch_pos.dtype)
+    assert patch_pos.shape[-2:] == (h, w), (patch_pos.shape, h, w)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
     return torch.cat([cls_pos, patch_pos], dim=1)
 
