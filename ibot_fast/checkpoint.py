@@ -73,6 +73,31 @@ def check_compatible(ckpt: dict, cfg_dict: dict, path="checkpoint") -> None:
         raise UserError(f"{path} was written for another model: " + "; ".join(diffs))
 
 
+def changed_settings(ckpt: dict, cfg_dict: dict) -> list:
+    """"key: checkpoint's -> this run's" for every key (other than the architecture's,
+    which `check_compatible` refuses) that a resumed run sets differently, and
+    "key: (not saved) -> value" for keys the checkpoint's ibot_fast did not have yet."""
+    saved = ckpt.get("config") or {}
+    out = []
+    for section, values in cfg_dict.items():
+        if not isinstance(values, dict):
+            continue
+        for name, now in values.items():
+            key = f"{section}.{name}"
+            if key in ARCH_KEYS:
+                continue
+            if name not in saved.get(section, {}):
+                out.append(f"{key}: (not saved) -> {now}")
+                continue
+            before = saved[section][name]
+            same = before == now or (isinstance(before, (list, tuple)) and
+                                     isinstance(now, (list, tuple)) and
+                                     tuple(before) == tuple(now))
+            if not same:
+                out.append(f"{key}: {before} -> {now}")
+    return out
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
              "python": random.getstate()}

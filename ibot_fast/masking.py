@@ -13,8 +13,8 @@ blocks, so the number of masked tokens per batch is the same every step (static 
 for buffers, kernels and CUDA graphs). Which crops are masked is shuffled.
 
 `pred_shape` is the official flag: "block" (the above) or "rand" (the patches to mask
-drawn uniformly without replacement, exactly the target count: the official "Rand"
-models, e.g. ViT-B/16 at 77.3% k-NN).
+drawn uniformly without replacement, exactly the target count: the mask shape of the
+official "Rand" models, which also used a larger prediction ratio).
 
 Masks are bool [n, H*W] in row-major patch order. All randomness comes from a
 `random.Random` passed in (or owned by the sampler), so a sample's mask is a function of

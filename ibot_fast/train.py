@@ -593,6 +593,10 @@ class Trainer:
     def load(self, path: Path):
         ckpt = checkpoint.load(path, mmap=True)  # no whole copy per process in host memory
         checkpoint.check_compatible(ckpt, to_dict(self.cfg), path)
+        changed = checkpoint.changed_settings(ckpt, to_dict(self.cfg))
+        if changed:  # allowed (a longer run, a new lr), but never silent
+            log.warning("resuming %s with settings that differ from its own: %s", path,
+                        "; ".join(changed))
         if self.sharded:  # every process holds the whole checkpoint, keeps its shards
             fsdp.load_full_state_dict(self.student_module, ckpt["student"])
             fsdp.load_full_state_dict(self.teacher, ckpt["teacher"])

@@ -20,13 +20,28 @@ def run(path, impl, *extra, resume=None):
     return trainer
 
 
+def split_key_bias(name, x):
+    """(x without the attention's key bias, the key bias). The key bias has no true
+    gradient (it adds one constant to every score of a query, which the softmax cancels):
+    its gradient is rounding noise (~1e-10), which Adam scales up to steps of up to
+    lr x g / (g + eps), so the two paths move it apart by ~1e-5 after 4 steps with the
+    official per-tensor clipping (global clipping shrank the noise below eps)."""
+    if not name.endswith("attn.qkv.bias"):
+        return x, x[:0]
+    q, k, v = x.chunk(3)
+    return torch.cat([q, v]), k
+
+
 def assert_same_training(a, b, atol=5e-6):
-    for name, x in a.student_module.state_dict().items():
-        torch.testing.assert_close(b.student_module.state_dict()[name], x, rtol=0, atol=atol,
-                                   msg=f"student {name}")
-    for name, x in a.teacher.state_dict().items():
-        torch.testing.assert_close(b.teacher.state_dict()[name], x, rtol=0, atol=atol,
-                                   msg=f"teacher {name}")
+    for part, net_a, net_b in (("student", a.student_module, b.student_module),
+                               ("teacher", a.teacher, b.teacher)):
+        for name, x in net_a.state_dict().items():
+            (rest_a, key_a), (rest_b, key_b) = (split_key_bias(name, t) for t in
+                                                (x, net_b.state_dict()[name]))
+            torch.testing.assert_close(rest_b, rest_a, rtol=0, atol=atol,
+                                       msg=f"{part} {name}")
+            torch.testing.assert_close(key_b, key_a, rtol=0, atol=1e-3,
+                                       msg=f"{part} {name} (key bias)")
     torch.testing.assert_close(b.loss.center, a.loss.center, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.loss.center2, a.loss.center2, rtol=1e-5, atol=1e-6)
 

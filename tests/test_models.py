@@ -62,19 +62,20 @@ def bicubic_matrix(n_in: int, n_out: int, step: float) -> torch.Tensor:
     return weights
 
 
-@pytest.mark.parametrize("side, out", [(14, 6), (8, 4), (8, 5)])
-def test_position_embeddings_are_resampled_as_the_official_code_does(side, out):
+@pytest.mark.parametrize("side, h, w", [(14, 6, 6), (8, 4, 4), (8, 5, 5), (14, 6, 9)])
+def test_position_embeddings_are_resampled_as_the_official_code_does(side, h, w):
     """The official interpolate_pos_encoding samples the 14 x 14 table every 14 / 6.1
-    cells for a 6 x 6 grid (scale factor (6 + 0.1) / 14), not every 14 / 6."""
+    cells for a 6 x 6 grid (scale factor (6 + 0.1) / 14), not every 14 / 6; rows by
+    the grid's height, columns by its width."""
     pos = torch.randn(1, 1 + side * side, 8, dtype=torch.float64)
-    got = resize_pos_embed(pos, out, out)
-    assert got.shape == (1, 1 + out * out, 8) and torch.equal(got[:, 0], pos[:, 0])
+    got = resize_pos_embed(pos, h, w)
+    assert got.shape == (1, 1 + h * w, 8) and torch.equal(got[:, 0], pos[:, 0])
     grid = pos[0, 1:].reshape(side, side, 8)
-    official = bicubic_matrix(side, out, side / (out + 0.1))
-    expected = torch.einsum("oi,ijc,pj->opc", official, grid, official).reshape(-1, 8)
+    rows, cols = (bicubic_matrix(side, n, side / (n + 0.1)) for n in (h, w))
+    expected = torch.einsum("oi,ijc,pj->opc", rows, grid, cols).reshape(-1, 8)
     torch.testing.assert_close(got[0, 1:], expected, rtol=1e-5, atol=1e-5)  # fp32 inside
-    by_size = bicubic_matrix(side, out, side / out)
-    other = torch.einsum("oi,ijc,pj->opc", by_size, grid, by_size).reshape(-1, 8)
+    rows, cols = (bicubic_matrix(side, n, side / n) for n in (h, w))
+    other = torch.einsum("oi,ijc,pj->opc", rows, grid, cols).reshape(-1, 8)
     assert (other - expected).abs().max() > 0.05  # the two rules differ
     assert resize_pos_embed(pos, side, side) is pos
 

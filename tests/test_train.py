@@ -159,12 +159,15 @@ def official_clip_(params, clip):
                 p.grad.mul_(coef)
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_clipping_is_the_official_per_tensor_rule_by_default(tmp_path, impl):
+@pytest.mark.parametrize("impl, fused", [("reference", False), ("fast", False),
+                                         ("fast", True)])
+def test_clipping_is_the_official_per_tensor_rule_by_default(tmp_path, impl, fused):
     """Default optim.clip_mode=per_param clips each gradient tensor to the max norm on its
-    own, as the official code does (on the fast path's flat buffers too); `global`
-    scales all of them by one coefficient, as torch's clip_grad_norm_ does."""
-    trainer = Trainer(tiny_config(tmp_path, "optim.clip_grad=0.01", impl=impl))
+    own, as the official code does (on the fast path's flat buffers too, and with the
+    fused AdamW + EMA step, which then gets no scale of its own); `global` scales all of
+    them by one coefficient, as torch's clip_grad_norm_ does."""
+    trainer = Trainer(tiny_config(tmp_path, "optim.clip_grad=0.01",
+                                  f"optim.fuse_ema={str(fused).lower()}", impl=impl))
     assert trainer.cfg.optim.clip_mode == "per_param"
     torch.manual_seed(0)
     for p in trainer.student_params:  # some above the max norm, some not; written into
@@ -179,6 +182,8 @@ def test_clipping_is_the_official_per_tensor_rule_by_default(tmp_path, impl):
     for p, e in zip(trainer.student_params, expected):
         torch.testing.assert_close(p.grad, e.grad)
     assert sum(not torch.equal(g, e.grad) for g, e in zip(grads, expected)) > 10
+    if fused:
+        assert trainer.optimizer.grad_scale is None  # already applied to the gradients
     torch.testing.assert_close(norm, torch.linalg.vector_norm(
         torch.stack([g.norm() for g in grads])))
 
@@ -189,11 +194,15 @@ def test_clipping_is_the_official_per_tensor_rule_by_default(tmp_path, impl):
         e.grad = g.clone()
     torch.nn.utils.clip_grad_norm_(expected, 0.01)
     trainer.clip_gradients()
-    for p, e in zip(trainer.student_params, expected):
-        torch.testing.assert_close(p.grad, e.grad)
+    if fused:  # the kernel applies the scale inside its pass: check the scale it gets
+        scaled = [p.grad * trainer.optimizer.grad_scale for p in trainer.student_params]
+    else:
+        scaled = [p.grad for p in trainer.student_params]
+    for g, e in zip(scaled, expected):
+        torch.testing.assert_close(g, e.grad)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_and_exits_cleanly(tmp_path, caplog):
     cfg = tiny_config(tmp_path)
     trainer = Trainer(cfg)
     real_step = trainer.train_step
@@ -211,8 +220,23 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert ckpt["iteration"] == 2
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler) or \
         callable(signal.getsignal(signal.SIGTERM))
+    caplog.clear()
     resumed, result = run(tiny_config(tmp_path, "train.stop_at_iter=4"), resume="auto")
     assert result["iteration"] == 4
+    # what the resumed run sets differently is said, not refused
+    warned = [r.getMessage() for r in caplog.records if "differ from its own" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].endswith(": train.stop_at_iter: 0 -> 4")
+
+
+def test_changed_settings_lists_new_and_changed_keys_but_not_the_architecture():
+    saved = {"config": {"optim": {"clip_mode": "global", "lr": 5e-4},
+                        "data": {"global_scale": [0.25, 1.0]},
+                        "model": {"arch": "vit_small"}}}
+    now = {"optim": {"clip_mode": "per_param", "lr": 5e-4},
+           "data": {"global_scale": (0.25, 1.0)}, "masks": {"pred_shape": "block"},
+           "model": {"arch": "vit_base"}}
+    assert checkpoint.changed_settings(saved, now) == [
+        "optim.clip_mode: global -> per_param", "masks.pred_shape: (not saved) -> block"]
 
 
 def test_main_prints_one_line_errors(tmp_path, capsys):
