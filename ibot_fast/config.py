@@ -160,7 +160,7 @@ _PAPER = {
 }
 
 PRESETS = {
-    # CPU, embedded digits (32 px renders of sklearn's 8x8 digits), ~4 min on 2 cores.
+    # CPU, embedded digits (32 px renders of sklearn's 8x8 digits), ~5 min on 2 cores.
     # A 4 px patch gives an 8x8 grid for global crops and 4x4 for 16 px local crops.
     # At this scale the CLS (DINO) term goes uniform within a few dozen steps whatever the
     # temperatures (README, "The demo"); the patch term does not, k-NN still improves, and
