@@ -281,7 +281,7 @@ def build_config(preset: str = None, overrides=()) -> Config:
 
 
 _CHOICES = {
-    "model.arch": ("vit_demo", "vit_small", "vit_base", "vit_large"),
+    "model.arch": ("vit_demo", "vit_tiny", "vit_small", "vit_base", "vit_large"),
     "model.attention": ("auto", "xformers", "sdpa", "math", "varlen"),
     "model.activation_checkpointing": ("none", "selective", "selective_mlp", "full"),
     "model.init_which": ("teacher", "student"),

@@ -30,7 +30,8 @@ import torch
 
 from . import UserError
 
-TIMM_MODELS = {"vit_demo": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
+TIMM_MODELS = {"vit_demo": "vit_tiny_patch16_224", "vit_tiny": "vit_tiny_patch16_224",
+               "vit_small": "vit_small_patch16_224",
                "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224"}
 
 # ibot_fast backbone key -> timm key. Keys matching a pattern keep their name; DROPPED

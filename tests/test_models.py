@@ -33,13 +33,14 @@ def test_mask_token_starts_at_zero_and_gets_gradient():
     assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("arch,dim,params", [("vit_tiny", 192, 5.52e6), ("vit_small", 384, 21.7e6)])
 @pytest.mark.parametrize("size,tokens", [(224, 197), (96, 37)])
-def test_vit_small_shapes(size, tokens):
-    model = vit("vit_small", 224, 16)
-    assert sum(p.numel() for p in model.parameters()) == pytest.approx(21.7e6, rel=0.02)
+def test_vit_shapes(arch, dim, params, size, tokens):
+    model = vit(arch, 224, 16)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.02)
     with torch.no_grad():
         out = model(torch.randn(1, 3, size, size))
-    assert out.shape == (1, tokens, 384)
+    assert out.shape == (1, tokens, dim)
 
 
 def bicubic_matrix(n_in: int, n_out: int, step: float) -> torch.Tensor:

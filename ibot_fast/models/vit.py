@@ -5,7 +5,8 @@ position embeddings (bicubic-interpolated for other grid sizes), stochastic dept
 learned mask token (zero-initialised) that replaces the patch embedding of every masked
 patch *before* the position embedding is added and the CLS token is prepended.
 
-Sizes (`ARCHS`): ViT-S/B/L as in the paper, and `vit_demo` for the CPU demo on 32 px
+Sizes (`ARCHS`): ViT-S/B/L as in the paper, ViT-T (the official code's `vit_tiny`, 5.5 M
+parameters; no published iBOT recipe), and `vit_demo` for the CPU demo on 32 px
 digits: dim 128, depth 4, 4 heads (0.8 M parameters) with 4 px patches, so a 32 px
 global crop is an 8x8 grid and a 16 px local crop 4x4; an epoch of the digits takes
 well under a minute on two CPU cores.
@@ -45,6 +46,7 @@ CHECKPOINTING = ("none", "selective", "selective_mlp", "full")
 
 ARCHS = {
     "vit_demo": dict(dim=128, depth=4, heads=4),
+    "vit_tiny": dict(dim=192, depth=12, heads=3),
     "vit_small": dict(dim=384, depth=12, heads=6),
     "vit_base": dict(dim=768, depth=12, heads=12),
     "vit_large": dict(dim=1024, depth=24, heads=16),
