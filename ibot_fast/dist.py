@@ -64,6 +64,15 @@ def shared_devices(devices: list) -> list:
     return [(device, ranks) for device, ranks in holders.items() if len(ranks) > 1]
 
 
+def env_rank() -> int:
+    """This process's rank from the launcher's variables (torchrun's RANK, or an srun
+    task's SLURM_PROCID), before `init`; 0 for a single process."""
+    from . import slurm
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ.get("SLURM_PROCID", "0")) if slurm.is_srun_step() else 0
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -676,6 +676,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg = config_from_args(args)
+        setup_logging(dist.env_rank() == 0)  # resume_choice says what it chose
         result = train(cfg, resume_choice(cfg, args.resume))
         if result["status"] == "requeued" and not slurm.requeue_job():
             result["status"] = "not requeued"  # the checkpoint is saved; exit 1 tells

@@ -259,3 +259,20 @@ def test_the_example_batch_script_runs_the_trainer(tmp_path):
     assert cfg.train.epochs == 800  # the preset
     header = (ROOT / "examples" / "slurm_train.sbatch").read_text()
     assert "#SBATCH --signal=USR2@" in header and "#SBATCH --requeue" in header
+
+
+def test_the_rank_is_known_before_the_group_exists(monkeypatch):
+    """dist.env_rank: which process logs from the start (torchrun's RANK, else an srun
+    task's SLURM_PROCID, else 0)."""
+    from ibot_fast import dist
+
+    for key in ("RANK", "WORLD_SIZE", *SRUN):
+        monkeypatch.delenv(key, raising=False)
+    assert dist.env_rank() == 0
+    monkeypatch.setenv("SLURM_PROCID", "5")  # a batch shell: one process
+    assert dist.env_rank() == 0
+    for key, value in SRUN.items():
+        monkeypatch.setenv(key, value)
+    assert dist.env_rank() == 9
+    monkeypatch.setenv("RANK", "2")
+    assert dist.env_rank() == 2

@@ -262,6 +262,8 @@ def test_the_command_resumes_when_it_can_and_never_overwrites(tmp_path, capsys):
             "model.head_hidden_dim=64", "model.head_bottleneck_dim=32"]
     assert main(args + ["--resume", "train.stop_at_iter=1"]) == 0
     assert checkpoint.load(tmp_path / "checkpoint.pth")["iteration"] == 1
+    assert f"--resume: no checkpoint in {tmp_path} yet, starting a new run" in \
+        capsys.readouterr().out
     assert main(args + ["--resume", "train.stop_at_iter=2"]) == 0
     written = (tmp_path / "checkpoint.pth").read_bytes()
     assert checkpoint.load(tmp_path / "checkpoint.pth")["iteration"] == 2
