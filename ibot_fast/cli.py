@@ -29,8 +29,7 @@ def cmd_train(argv):
 def cmd_knn(argv):
     p = argparse.ArgumentParser("ibot-fast knn", description="weighted k-NN on frozen "
                                 "backbone features (teacher CLS, T=0.07)")
-    import torch
-
+    from . import dist
     from .eval.knn import add_backbone_args, backbone_from_args, format_results, \
         knn_eval_backbone
 
@@ -38,10 +37,11 @@ def cmd_knn(argv):
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     cfg, backbone, what = backbone_from_args(args, "knn")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, _, device = dist.init("auto")  # under torchrun, each process extracts a shard
     results = knn_eval_backbone(cfg, backbone.to(device), device)
-    print(f"k-NN top-1 ({what}): {format_results(results)}")
-    return 0
+    if dist.is_main():
+        print(f"k-NN top-1 ({what}): {format_results(results)}")
+    return 0  # the group is ended by main (dist.end)
 
 
 def cmd_demo(argv):
@@ -53,6 +53,7 @@ def cmd_demo(argv):
     import torch
 
     from .config import build_config
+    from . import dist
     from .eval.knn import format_results, knn_eval_backbone, random_init_backbone
     from .train import Trainer
 
@@ -66,10 +67,11 @@ def cmd_demo(argv):
         trainer.run()
     finally:
         trainer.close()
-    backbone = trainer.whole_teacher_backbone()  # gathered under FSDP; None off rank 0
-    if backbone is None:
+    # every process extracts its shard of the images (gathered under FSDP)
+    trained_acc = knn_eval_backbone(cfg, trainer.whole_teacher_backbone(everywhere=True),
+                                    device)
+    if not dist.is_main():
         return 0
-    trained_acc = knn_eval_backbone(cfg, backbone, device)
     minutes = (time.time() - start) / 60
     print()
     print(f"digits k-NN top-1 on the 360 held-out images ({minutes:.1f} min, {device}):")

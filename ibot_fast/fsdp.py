@@ -171,10 +171,10 @@ def _gather(state: dict, keep: bool) -> dict:
     return out
 
 
-def full_state_dict(module: torch.nn.Module) -> dict:
-    """The unsharded state dict on rank 0 (CPU tensors), {} elsewhere. Every process
-    must call it."""
-    return _gather(module.state_dict(), keep=dist.get_rank() == 0)
+def full_state_dict(module: torch.nn.Module, everywhere: bool = False) -> dict:
+    """The unsharded state dict on rank 0 (CPU tensors), {} elsewhere (`everywhere`: on
+    every process). Every process must call it."""
+    return _gather(module.state_dict(), keep=everywhere or dist.get_rank() == 0)
 
 
 def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -527,13 +527,14 @@ class Trainer:
         t = torch.tensor([float(f) for f in flags], device=self.device)
         return tuple(bool(v > 0) for v in dist.all_reduce_(t).tolist())
 
-    def whole_teacher_backbone(self):
-        """The teacher's backbone, whole, on rank 0 (None elsewhere). Under FSDP a copy
-        gathered from the shards: every process must call it."""
+    def whole_teacher_backbone(self, everywhere: bool = False):
+        """The teacher's backbone, whole, on rank 0 (None elsewhere; `everywhere`: on
+        every process). Under FSDP a copy gathered from the shards: every process must
+        call it."""
         if not self.sharded:
-            return self.teacher.backbone if self.is_main else None
-        state = fsdp.full_state_dict(self.teacher)
-        if not self.is_main:
+            return self.teacher.backbone if self.is_main or everywhere else None
+        state = fsdp.full_state_dict(self.teacher, everywhere)
+        if not (self.is_main or everywhere):
             return None
         backbone = build_backbone(self.cfg, attention_backend=self.backend)
         backbone.load_state_dict(backbone_state_dict(state))
@@ -542,9 +543,10 @@ class Trainer:
     def evaluate_knn(self):
         from .eval.knn import knn_eval_backbone
 
-        backbone = self.whole_teacher_backbone()
+        # every process extracts its shard of the images (all-gathered)
+        results = knn_eval_backbone(self.cfg, self.whole_teacher_backbone(everywhere=True),
+                                    self.device)
         if self.is_main:
-            results = knn_eval_backbone(self.cfg, backbone, self.device)
             log.info("k-NN at epoch %d: %s", self.epoch,
                      ", ".join(f"k={k}: {a:.2f}%" for k, a in results.items()))
             self.json_log.write({"iter": self.iteration, "epoch": self.epoch,

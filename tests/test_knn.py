@@ -86,3 +86,27 @@ def test_demo_command_end_to_end_short(tmp_path, capsys):
     assert (out / "checkpoint.pth").exists() and (out / "log.jsonl").exists()
     pictures = next(line for line in printed.splitlines() if line.startswith("pictures:"))
     assert all(Path(p).is_file() for p in pictures.split()[1:])
+
+
+def test_the_knn_command_under_torchrun_splits_the_images(tmp_path, capsys):
+    """`torchrun -m ibot_fast.cli knn` (2 gloo processes, each extracting half of the
+    digits with its own DataLoader worker): rank 0 prints the k-NN of one process, once."""
+    import os
+    import subprocess
+    import sys
+
+    from ibot_fast.cli import main
+
+    args = ["knn", "--random-init", "--preset", "demo", "data.num_workers=1"]
+    assert main(args) == 0
+    single = capsys.readouterr().out.strip()
+    assert single.startswith("k-NN top-1 (random init): k=10:")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "-m", "ibot_fast.cli", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("k-NN top-1")]
+    assert printed == [single]

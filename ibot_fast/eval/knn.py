@@ -5,75 +5,23 @@ the crop size and centre-cropped (224 px for ImageNet, 32 px for the digits), th
 L2-normalised. Each test image takes its k most cosine-similar training images; their
 votes are weighted by exp(sim / T) (T = 0.07), and the class with most weight wins.
 """
-import logging
-
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from .. import UserError
-from ..data.cpu import to_tensor
-from ..data.datasets import BadImage, build_dataset
-
-log = logging.getLogger(__name__)
-
-
-def eval_transform(img, size: int):
-    """Resize the shorter side to size * 256 / 224 (bicubic), centre-crop size x size."""
-    resize = int(round(size * 256 / 224))
-    w, h = img.size
-    scale = resize / min(w, h)
-    img = img.resize((max(resize, round(w * scale)), max(resize, round(h * scale))),
-                     Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return to_tensor(img.crop((left, top, left + size, top + size)))
+from ..data.datasets import build_dataset
+from .features import EvalImages, eval_transform  # noqa: F401 (the k-NN's transform)
+from .features import extract_features as extract_blocks
 
 
-class EvalImages(torch.utils.data.Dataset):
-    """(tensor, label) pairs; an unreadable image yields None and is dropped."""
-
-    def __init__(self, source, size: int):
-        self.source, self.size = source, size
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, i):
-        try:
-            img, label = self.source.load(i)
-        except BadImage as e:
-            log.warning("skipping unreadable image %s", e)
-            return None
-        return eval_transform(img, self.size), label
-
-
-def _collate(items):
-    items = [x for x in items if x is not None]
-    if not items:
-        return None
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-
-
-@torch.no_grad()
 def extract_features(backbone, source, size: int, device, batch_size: int = 256,
                      num_workers: int = 0):
-    """L2-normalised CLS features [n, dim] (fp32) and labels [n] of a source."""
-    backbone.eval()
-    loader = torch.utils.data.DataLoader(EvalImages(source, size), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=_collate)
-    feats, labels = [], []
-    for batch in loader:
-        if batch is None:
-            continue
-        x, y = batch
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            cls = backbone(x.to(device, non_blocking=True))[:, 0]
-        feats.append(F.normalize(cls.float(), dim=-1).cpu())
-        labels.append(y)
-    if not feats:
-        raise UserError("no readable images to extract features from")
-    return torch.cat(feats), torch.cat(labels)
+    """L2-normalised CLS features [n, dim] (fp32) and labels [n] of a source (the last
+    block's CLS after the final norm; sharded and all-gathered under torch.distributed,
+    so every process must call it)."""
+    feats, labels = extract_blocks(backbone, source, size, device, 1, False, batch_size,
+                                   num_workers)
+    return F.normalize(feats, dim=-1), labels
 
 
 @torch.no_grad()
@@ -98,13 +46,16 @@ def knn_classify(train_features, train_labels, test_features, test_labels,
 
 
 def knn_eval_backbone(cfg, backbone, device, train_source=None, test_source=None) -> dict:
-    """k-NN accuracy of a backbone on the config's held-out split (digits test / val/)."""
+    """k-NN accuracy of a backbone on the config's held-out split (digits test / val/).
+    Under torch.distributed every process must call it (the features are extracted in
+    shards and all-gathered) and every process gets the result."""
     train_source = train_source or build_dataset(cfg, "train")
     test_source = test_source or build_dataset(cfg, "test")
     size = cfg.data.global_size
     was_training = backbone.training
-    train_f, train_y = extract_features(backbone, train_source, size, device, cfg.eval.batch_size)
-    test_f, test_y = extract_features(backbone, test_source, size, device, cfg.eval.batch_size)
+    kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers)
+    train_f, train_y = extract_features(backbone, train_source, size, device, **kwargs)
+    test_f, test_y = extract_features(backbone, test_source, size, device, **kwargs)
     backbone.train(was_training)
     return knn_classify(train_f, train_y, test_f, test_y, cfg.eval.knn_k, cfg.eval.knn_temp)
 

@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import UserError, dist
-from .knn import (EvalImages, add_backbone_args, backbone_from_args, format_results,
-                  knn_classify)
+from .features import extract_features
+from .knn import add_backbone_args, backbone_from_args, format_results, knn_classify
 
 # DINOv2's linear-evaluation grid.
 DEFAULT_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
@@ -59,87 +59,6 @@ def describe_features(n_blocks: int, avgpool: bool, standardized: bool = False) 
     what = f"CLS of the last {n_blocks} blocks" if n_blocks > 1 else "CLS"
     return (what + (" + average-pooled patch tokens" if avgpool else "") +
             (", standardised" if standardized else ""))
-
-
-def pool_features(layers, avgpool: bool) -> torch.Tensor:
-    """[B, n*dim (+dim)] from the normalised outputs of the last n blocks."""
-    parts = [x[:, 0] for x in layers]
-    if avgpool:
-        parts.append(layers[-1][:, 1:].mean(1))
-    return torch.cat(parts, dim=-1)
-
-
-class _Shard(torch.utils.data.Dataset):
-    """This process's images of a source: (tensor, label, index), None when unreadable."""
-
-    def __init__(self, images: EvalImages, indices):
-        self.images, self.indices = images, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, j):
-        item = self.images[self.indices[j]]
-        return None if item is None else (*item, self.indices[j])
-
-
-def _collate(items):
-    items = [x for x in items if x is not None]
-    if not items:
-        return None
-    x, y, i = zip(*items)
-    return torch.stack(x), torch.tensor(y), torch.tensor(i)
-
-
-def _all_gather_rows(tensors, device):
-    """Concatenate each tensor's rows over all processes (shards may differ in length)."""
-    world = dist.world_size()
-    count = torch.tensor([tensors[0].shape[0]], device=device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    torch.distributed.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    gathered = []
-    for t in tensors:
-        padded = t.new_zeros((max(counts),) + t.shape[1:], device=device)
-        padded[:t.shape[0]] = t.to(device)
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        torch.distributed.all_gather(parts, padded)
-        gathered.append(torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu())
-    return gathered
-
-
-@torch.no_grad()
-def extract_features(backbone, source, size: int, device, n_blocks: int = 4,
-                     avgpool: bool = False, batch_size: int = 256, num_workers: int = 0):
-    """Frozen features [n, (n_blocks + avgpool) * dim] (fp32, CPU) and labels [n].
-
-    Under torch.distributed, process r extracts images r, r + world, ... and the result
-    is all-gathered: every process returns all features, in the source's order.
-    """
-    backbone.eval()
-    indices = list(range(dist.rank(), len(source), dist.world_size()))
-    loader = torch.utils.data.DataLoader(_Shard(EvalImages(source, size), indices),
-                                         batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=_collate)
-    dim = (n_blocks + int(avgpool)) * backbone.embed_dim
-    empty = torch.zeros(0, dtype=torch.int64)  # a process whose shard is all unreadable
-    feats, labels, order = [torch.zeros(0, dim)], [empty], [empty]
-    for batch in loader:
-        if batch is None:
-            continue
-        x, y, i = batch
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            layers = backbone.get_intermediate_layers(x.to(device, non_blocking=True), n_blocks)
-        feats.append(pool_features(layers, avgpool).float().cpu())
-        labels.append(y)
-        order.append(i)
-    feats, labels, order = torch.cat(feats), torch.cat(labels), torch.cat(order)
-    if dist.is_initialized():
-        feats, labels, order = _all_gather_rows([feats, labels, order], device)
-    if feats.shape[0] == 0:
-        raise UserError("no readable images to extract features from")
-    sort = order.argsort()
-    return feats[sort], labels[sort]
 
 
 class LinearClassifiers(nn.Module):
