@@ -73,29 +73,37 @@ def check_compatible(ckpt: dict, cfg_dict: dict, path="checkpoint") -> None:
         raise UserError(f"{path} was written for another model: " + "; ".join(diffs))
 
 
-def changed_settings(ckpt: dict, cfg_dict: dict) -> list:
-    """"key: checkpoint's -> this run's" for every key (other than the architecture's,
-    which `check_compatible` refuses) that a resumed run sets differently, and
-    "key: (not saved) -> value" for keys the checkpoint's ibot_fast did not have yet."""
+# Keys that say where and how a run executes, not what it computes: a resume that
+# changes them is routine (a new folder, a moved dataset, another machine).
+OPERATIONAL = ("train.output_dir", "train.stop_at_iter", "train.device", "train.log_every",
+               "train.save_every", "train.keep_every", "data.path", "data.num_workers",
+               "data.prefetch", "eval.knn_every", "eval.batch_size", "model.init_from")
+
+
+def changed_settings(ckpt: dict, cfg_dict: dict) -> tuple:
+    """(method, operational): "key: checkpoint's -> this run's" for every key (other
+    than the architecture's, which `check_compatible` refuses) that a resumed run sets
+    differently, split by `OPERATIONAL`. Keys the checkpoint's ibot_fast did not have
+    read "(not saved)", keys this version no longer has "(no such key now)"."""
     saved = ckpt.get("config") or {}
-    out = []
-    for section, values in cfg_dict.items():
-        if not isinstance(values, dict):
+    method, operational = [], []
+    sections = list(cfg_dict) + [s for s in saved if s not in cfg_dict]
+    for section in sections:
+        now_values, saved_values = cfg_dict.get(section, {}), saved.get(section, {})
+        if not isinstance(now_values, dict) or not isinstance(saved_values, dict):
             continue
-        for name, now in values.items():
+        names = list(now_values) + [n for n in saved_values if n not in now_values]
+        for name in names:
             key = f"{section}.{name}"
-            if key in ARCH_KEYS:
-                continue
-            if name not in saved.get(section, {}):
-                out.append(f"{key}: (not saved) -> {now}")
-                continue
-            before = saved[section][name]
+            before = saved_values.get(name, "(not saved)")
+            now = now_values.get(name, "(no such key now)")
             same = before == now or (isinstance(before, (list, tuple)) and
                                      isinstance(now, (list, tuple)) and
                                      tuple(before) == tuple(now))
-            if not same:
-                out.append(f"{key}: {before} -> {now}")
-    return out
+            if key not in ARCH_KEYS and not same:
+                (operational if key in OPERATIONAL else method).append(
+                    f"{key}: {before} -> {now}")
+    return method, operational
 
 
 def rng_state() -> dict:

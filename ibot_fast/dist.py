@@ -13,24 +13,32 @@ import torch.distributed as dist
 
 
 _created = False  # init() created the process group (so end() may end the process)
+_initialised = None  # init()'s answer, (rank, world_size, device), while its group lives
 srun_env: dict = {}  # the torchrun variables init() derived for an srun task ({}: none)
 
 
 def init(device_pref: str = "auto"):
     """Initialise from torchrun's environment, or an `srun` step's (a group that already
-    exists is used as it is). Returns (rank, world_size, device)."""
-    global _created, srun_env
+    exists is used as it is). Returns (rank, world_size, device); a second call (the
+    training command, then its Trainer) returns the first one's answer."""
+    global _created, _initialised, srun_env
     from . import UserError, slurm
+    if _initialised is not None and dist.is_initialized():
+        return _initialised
     try:
-        srun_env = launched = slurm.torchrun_env()
+        launched = slurm.torchrun_env()
     except ValueError as e:
         raise UserError(str(e)) from None
+    srun_env = launched or srun_env
     os.environ.update(launched)
     use_cuda = torch.cuda.is_available() and device_pref != "cpu"
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA GPU is visible")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    if dist.is_initialized():  # the caller's group
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda and launched and torch.cuda.device_count() == 1:
         local_rank = 0  # srun bound this task to its own GPU (--gpus-per-task, --gpu-bind)
@@ -45,32 +53,47 @@ def init(device_pref: str = "auto"):
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         _created = True
     if use_cuda and world_size > 1:
-        props = torch.cuda.get_device_properties(device)
-        gpu = (socket.gethostname(), str(getattr(props, "uuid", device.index)))
-        shared = shared_devices(all_gather_object(gpu))
-        if shared:
-            (host, uuid), ranks = shared[0]
-            raise UserError(f"processes {ranks} on {host} share one GPU ({uuid}): give each "
-                            "process its own (as many processes per node as GPUs; SLURM: "
-                            "--gpus-per-task=1 or --ntasks-per-node=<GPUs per node>)")
-    return rank, world_size, device
+        check_own_gpus(device)
+    _initialised = (rank, world_size, device)
+    return _initialised
+
+
+def check_own_gpus(device) -> None:
+    """One-line error when processes share a GPU. The ids travel through the rendezvous
+    store, not NCCL: NCCL's first collective itself fails on a shared GPU, with a
+    traceback. Skipped where torch does not report the GPU's uuid."""
+    from . import UserError
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    if uuid is None:
+        return
+    shared = shared_devices(store_gather(f"{socket.gethostname()} {uuid}"))
+    if shared:
+        gpu, ranks = shared[0]
+        raise UserError(f"processes {ranks} share one GPU ({gpu}): give each process its "
+                        "own (as many processes per node as GPUs; SLURM: --gpus-per-task=1 "
+                        "or --ntasks-per-node=<GPUs per node>)")
+
+
+def store_gather(value: str) -> list:
+    """Every process's string, by rank, through the process group's rendezvous store (no
+    collective of the backend). Every process must call it, the same number of times."""
+    global _store_rounds
+    store = dist.distributed_c10d._get_default_store()
+    _store_rounds += 1
+    key = f"ibot_fast/gather{_store_rounds}/"
+    store.set(key + str(dist.get_rank()), value)
+    return [store.get(key + str(r)).decode() for r in range(dist.get_world_size())]
+
+
+_store_rounds = 0
 
 
 def shared_devices(devices: list) -> list:
     """[(device, [ranks])] for each device that several ranks hold."""
     holders = {}
     for r, device in enumerate(devices):
-        holders.setdefault(tuple(device), []).append(r)
+        holders.setdefault(device, []).append(r)
     return [(device, ranks) for device, ranks in holders.items() if len(ranks) > 1]
-
-
-def env_rank() -> int:
-    """This process's rank from the launcher's variables (torchrun's RANK, or an srun
-    task's SLURM_PROCID), before `init`; 0 for a single process."""
-    from . import slurm
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"])
-    return int(os.environ.get("SLURM_PROCID", "0")) if slurm.is_srun_step() else 0
 
 
 def is_initialized() -> bool:
@@ -110,10 +133,11 @@ def all_gather_object(obj):
 
 def destroy():
     """Destroy the process groups if `init` created them (a caller's own are left alone)."""
-    global _created
+    global _created, _initialised
     if _created and is_initialized():
         dist.destroy_process_group()
     _created = False
+    _initialised = None
 
 
 def end(exit_code: int) -> int:

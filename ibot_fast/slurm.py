@@ -131,10 +131,15 @@ def requeue_job() -> bool:
     the trainer closed, on every process: rank 0 requeues the job. `scontrol requeue`
     sends SIGTERM to every task of the job; they are leaving anyway, so they ignore it
     (after the barrier: all are past their last collective) and exit 0. False on rank 0
-    when the job could not be requeued."""
+    when the job could not be requeued; outside a SLURM job there is nothing to do."""
     from . import dist
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if job_id() is None:  # SIGUSR2 sent by hand: a saved, clean stop
+        if dist.is_main():
+            log.warning("SIGUSR2 outside a SLURM job: the checkpoint is saved, no job to "
+                        "requeue")
+        return True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the process ends right after
     dist.barrier()
     return requeue() if dist.is_main() else True
 

@@ -391,14 +391,10 @@ class Trainer:
         try:
             while self.epoch < cfg.train.epochs:
                 status = self.train_epoch(bar)
+                if status == "epoch":
+                    status = self.end_of_epoch()
                 if status != "epoch":
                     break
-                self.end_of_epoch()
-                if self.epoch < cfg.train.epochs:
-                    # a signal during the epoch's last batch: after its k-NN and checkpoint
-                    status = self._act_on_requests() or status
-                    if status != "epoch":
-                        break
             else:
                 status = "finished"
         finally:
@@ -433,29 +429,42 @@ class Trainer:
                            force=True)
             else:
                 bar.update(self.epoch, self.batch_in_epoch, "")
-            if cfg.train.stop_at_iter and self.iteration >= cfg.train.stop_at_iter:
+            # the epoch's last batch: stop_at_iter and signals are acted on by
+            # end_of_epoch, once the epoch is complete
+            last_batch = self.batch_in_epoch == self.iters_per_epoch
+            if cfg.train.stop_at_iter and self.iteration >= cfg.train.stop_at_iter and \
+                    not last_batch:
                 self.save()
                 return "stopped"
             # signals are acted on at a step boundary; with several processes only on
-            # logging steps, where all of them agree (an all-reduce of the flags); on the
-            # epoch's last batch after the epoch's end (run)
-            last_batch = self.batch_in_epoch == self.iters_per_epoch
+            # logging steps, where all of them agree (an all-reduce of the flags)
             if (self.world_size == 1 or is_log_step) and not last_batch:
                 status = self._act_on_requests()
                 if status:
                     return status
         return "epoch"
 
-    def end_of_epoch(self):
+    def end_of_epoch(self) -> str:
+        """The epoch's checkpoint (and kept copy), then its k-NN; returns "epoch" to go
+        on, or the status to stop with: `stop_at_iter` reached or a signal received on
+        the epoch's last batch are acted on here, once the epoch is complete. A signal
+        that stops the run skips the k-NN (pre-emption leaves little time)."""
         cfg = self.cfg
         self.epoch += 1
         self.batch_in_epoch = 0
         last = self.epoch == cfg.train.epochs
+        stop, requeue, save = (False,) * 3 if last else self._agreed_requests()
+        stopping = not last and bool(cfg.train.stop_at_iter) and \
+            self.iteration >= cfg.train.stop_at_iter
+        keep = cfg.train.keep_every and self.epoch % cfg.train.keep_every == 0
+        if self.epoch % cfg.train.save_every == 0 or last or keep or stop or requeue or \
+                save or stopping:
+            self.save(also=f"checkpoint{self.epoch:04d}.pth" if keep else None)
+        if stop or requeue:
+            return "preempted" if stop else "requeued"
         if cfg.eval.knn_every and (self.epoch % cfg.eval.knn_every == 0 or last):
             self.evaluate_knn()
-        if self.epoch % cfg.train.save_every == 0 or last:
-            keep = cfg.train.keep_every and self.epoch % cfg.train.keep_every == 0
-            self.save(also=f"checkpoint{self.epoch:04d}.pth" if keep else None)
+        return "stopped" if stopping else "epoch"
 
     def log_step(self, losses: dict, iters_per_s: float) -> dict:
         """The only host synchronisation of the loop: read the device counters and losses."""
@@ -595,10 +604,12 @@ class Trainer:
     def load(self, path: Path):
         ckpt = checkpoint.load(path, mmap=True)  # no whole copy per process in host memory
         checkpoint.check_compatible(ckpt, to_dict(self.cfg), path)
-        changed = checkpoint.changed_settings(ckpt, to_dict(self.cfg))
-        if changed:  # allowed (a longer run, a new lr), but never silent
+        method, operational = checkpoint.changed_settings(ckpt, to_dict(self.cfg))
+        if method:  # allowed (a longer run, a new lr), but never silent
             log.warning("resuming %s with settings that differ from its own: %s", path,
-                        "; ".join(changed))
+                        "; ".join(method))
+        if operational:
+            log.info("resuming %s; changed: %s", path, "; ".join(operational))
         if self.sharded:  # every process holds the whole checkpoint, keeps its shards
             fsdp.load_full_state_dict(self.student_module, ckpt["student"])
             fsdp.load_full_state_dict(self.teacher, ckpt["teacher"])
@@ -665,6 +676,29 @@ def resume_choice(cfg, resume):
     return resume
 
 
+def agreed_resume_choice(cfg, resume, world_size: int):
+    """`resume_choice` on every process, which must all decide alike: a refusal on any
+    of them (an output folder that is not shared by all nodes can hold a checkpoint for
+    some and none for others) is a one-line error on all, instead of a hang."""
+    try:
+        choice, error = resume_choice(cfg, resume), None
+    except UserError as e:
+        choice, error = None, str(e)
+    if world_size == 1:
+        if error:
+            raise UserError(error)
+        return choice
+    answers = dist.all_gather_object((str(choice), error))
+    errors = [e for _, e in answers if e]
+    if errors:
+        raise UserError(errors[0])
+    if len({c for c, _ in answers}) > 1:
+        raise UserError(f"the processes disagree on whether to resume (some see "
+                        f"{cfg.train.output_dir}/checkpoint.pth, some do not): the output "
+                        "folder must be on a file system that every node shares")
+    return choice
+
+
 def parse_args(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.resume and "=" in args.resume and not Path(args.resume).exists():
@@ -678,8 +712,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg = config_from_args(args)
-        setup_logging(dist.env_rank() == 0)  # resume_choice says what it chose
-        result = train(cfg, resume_choice(cfg, args.resume))
+        rank, world_size, _ = dist.init(cfg.train.device)
+        setup_logging(rank == 0)  # resume_choice says what it chose
+        result = train(cfg, agreed_resume_choice(cfg, args.resume, world_size))
         if result["status"] == "requeued" and not slurm.requeue_job():
             result["status"] = "not requeued"  # the checkpoint is saved; exit 1 tells
         code = 0 if result["status"] in ("finished", "stopped", "preempted", "requeued") else 1

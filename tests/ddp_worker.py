@@ -6,10 +6,12 @@ usage: torchrun --nproc_per_node=2 tests/ddp_worker.py OUT_DIR [--resume] [--knn
 --resume continues from OUT_DIR/checkpoint.pth; --knn runs the trainer's k-NN evaluation
 after training (it writes to OUT_DIR/log.jsonl). Faults on rank 1 only, to check that
 every process decides alike: --nan-on-rank1 makes its loss NaN at iteration 1;
+--usr2-on-rank1-at-epoch-end sends it SIGUSR2 during the first epoch's last step;
 --bad-on-rank1 reports 4 unreadable images per batch there. A UserError is written to
 OUT_DIR/error{rank}.txt instead of a traceback.
 """
 import os
+import signal
 import sys
 
 import torch
@@ -30,7 +32,7 @@ def main():
     if rank == 1:
         inject_faults(trainer, flags)
     try:
-        trainer.run()
+        result = trainer.run()
     except UserError as e:
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
             f.write(str(e))
@@ -47,6 +49,7 @@ def main():
         torch.save({"teacher": state["teacher"], "student": state["student"],
                     "center": trainer.loss.center, "center2": trainer.loss.center2,
                     "sharded": trainer.sharded, "nonfinite": int(trainer.nonfinite_total),
+                    "status": result["status"], "iteration": trainer.iteration,
                     "local_numel": sum(fsdp.local(p).numel()
                                        for p in trainer.student_module.parameters())},
                    os.path.join(out_dir, f"rank{rank}.pt"))
@@ -72,6 +75,10 @@ def inject_faults(trainer, flags):
     step = trainer.train_step
 
     def faulty_step(batch, it, epoch):
+        if "--usr2-on-rank1-at-epoch-end" in flags and it == trainer.iters_per_epoch - 1:
+            out = step(batch, it, epoch)
+            os.kill(os.getpid(), signal.SIGUSR2)  # during the epoch's last step
+            return out
         if "--nan-on-rank1" in flags and it == 1:
             forward = trainer.forward_masked if trainer.fast else trainer.forward_full
 

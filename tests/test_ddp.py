@@ -218,6 +218,21 @@ def test_fsdp_equals_ddp_with_drop_path_over_an_epoch_end(tmp_path):
         assert kept["epoch"] == 1 and kept["iteration"] == 4
 
 
+def test_a_signal_to_one_process_on_an_epochs_last_step_stops_all_after_the_epoch(tmp_path):
+    """SIGUSR2 reaches rank 1 only, during the last step of epoch 0 (4 steps): both
+    processes finish the epoch, agree at its end (one all-reduce there on every rank),
+    save once and stop as "requeued"; the epoch's k-NN is skipped (pre-emption)."""
+    out = tmp_path / "run"
+    saved = torchrun(out, *COMMON, "train.stop_at_iter=8", "eval.knn_every=1",
+                     "--usr2-on-rank1-at-epoch-end")
+    other = torch.load(out / "rank1.pt")
+    assert (saved["status"], saved["iteration"]) == (other["status"], other["iteration"]) \
+        == ("requeued", 4)
+    ckpt = checkpoint.load(out / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"], ckpt["batch_in_epoch"]) == (1, 4, 0)
+    assert "knn_top1_k20" not in (out / "log.jsonl").read_text()
+
+
 @pytest.mark.parametrize("extra", [[], FSDP])
 def test_a_nan_loss_on_one_process_is_skipped_by_all(tmp_path, extra):
     """Rank 1's loss is NaN at iteration 1: both processes skip that step and stay finite

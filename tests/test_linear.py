@@ -176,7 +176,8 @@ WORKER = textwrap.dedent("""
     source.targets, source.images = source.targets[:45], source.images[:45]
     backbone = random_init_backbone(build_config("demo"), seed=3)
     f, y = extract_features(backbone, source, 32, device, 2, True, batch_size=8)
-    torch.save((world, f, y), f"{sys.argv[1]}/rank{rank}.pt")
+    names = [dist.store_gather(f"r{rank}-{i}") for i in range(2)]  # the shared-GPU check's
+    torch.save((world, f, y, names), f"{sys.argv[1]}/rank{rank}.pt")
     dist.end(0)
 """)
 
@@ -198,7 +199,7 @@ def test_ddp_extraction_shards_and_gathers(tmp_path):
     backbone = random_init_backbone(build_config("demo"), seed=3)
     f, y = extract_features(backbone, source, 32, torch.device("cpu"), 2, True, batch_size=8)
     for rank in range(2):
-        world, fr, yr = torch.load(tmp_path / f"rank{rank}.pt")
-        assert world == 2
+        world, fr, yr, names = torch.load(tmp_path / f"rank{rank}.pt")
+        assert world == 2 and names == [["r0-0", "r1-0"], ["r0-1", "r1-1"]]
         assert torch.equal(yr, y)
         torch.testing.assert_close(fr, f, rtol=1e-5, atol=1e-5)

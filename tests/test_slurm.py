@@ -123,9 +123,11 @@ def test_the_requeue_calls_scontrol_for_the_job(tmp_path, monkeypatch, caplog):
 def test_the_time_limit_signal_saves_and_stops(tmp_path, signals, status, at):
     """SIGUSR2 stops the run with a checkpoint and the status the command requeues on;
     SIGTERM wins over it. On an epoch's last batch the epoch's end (its kept checkpoint
-    copy) comes first, and the checkpoint is written once."""
-    trainer = Trainer(tiny_config(tmp_path, "train.keep_every=1"))  # 3 batches per epoch
-    real_step, real_save, saved = trainer.train_step, trainer.save, []
+    copy) comes first, the checkpoint is written once, and the epoch's k-NN is skipped
+    (pre-emption leaves little time)."""
+    trainer = Trainer(tiny_config(tmp_path, "train.keep_every=1", "eval.knn_every=1"))
+    real_step, real_save, saved = trainer.train_step, trainer.save, []  # 3 batches/epoch
+    trainer.evaluate_knn = lambda: saved.append("knn")
 
     def step_then_signal(batch, it, epoch):
         out = real_step(batch, it, epoch)
@@ -138,7 +140,7 @@ def test_the_time_limit_signal_saves_and_stops(tmp_path, signals, status, at):
     trainer.save = lambda also=None: (saved.append(trainer.iteration), real_save(also))
     result = trainer.run()
     assert result["status"] == status and result["iteration"] == at + 1
-    assert saved == [at + 1]
+    assert saved == [at + 1]  # no "knn"
     ckpt = checkpoint.load(tmp_path / "checkpoint.pth")
     assert (ckpt["iteration"], ckpt["epoch"]) == (at + 1, 1 if at == 2 else 0)
     assert (tmp_path / "checkpoint0001.pth").exists() == (at == 2)
@@ -148,14 +150,19 @@ def test_the_time_limit_signal_saves_and_stops(tmp_path, signals, status, at):
 def test_the_command_requeues_after_the_trainer_and_says_when_it_could_not(
         tmp_path, monkeypatch):
     """slurm.requeue_job: SIGTERM ignored from then on (scontrol requeue sends it to
-    every task), then `scontrol requeue`; False when scontrol refused."""
+    every task), then `scontrol requeue`; False when scontrol refused. Outside a SLURM
+    job there is nothing to requeue: True, and SIGTERM is left alone."""
     fake = tmp_path / "bin" / "scontrol"
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\necho 'Requeue of job is not allowed' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_JOB_ID", "88")
+    for key in ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(key, raising=False)
     previous = signal.getsignal(signal.SIGTERM)
+    assert slurm.requeue_job() is True  # SIGUSR2 by hand, no job: a clean, saved stop
+    assert signal.getsignal(signal.SIGTERM) == previous
+    monkeypatch.setenv("SLURM_JOB_ID", "88")
     try:
         assert slurm.requeue_job() is False
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
@@ -259,20 +266,3 @@ def test_the_example_batch_script_runs_the_trainer(tmp_path):
     assert cfg.train.epochs == 800  # the preset
     header = (ROOT / "examples" / "slurm_train.sbatch").read_text()
     assert "#SBATCH --signal=USR2@" in header and "#SBATCH --requeue" in header
-
-
-def test_the_rank_is_known_before_the_group_exists(monkeypatch):
-    """dist.env_rank: which process logs from the start (torchrun's RANK, else an srun
-    task's SLURM_PROCID, else 0)."""
-    from ibot_fast import dist
-
-    for key in ("RANK", "WORLD_SIZE", *SRUN):
-        monkeypatch.delenv(key, raising=False)
-    assert dist.env_rank() == 0
-    monkeypatch.setenv("SLURM_PROCID", "5")  # a batch shell: one process
-    assert dist.env_rank() == 0
-    for key, value in SRUN.items():
-        monkeypatch.setenv(key, value)
-    assert dist.env_rank() == 9
-    monkeypatch.setenv("RANK", "2")
-    assert dist.env_rank() == 2

@@ -221,22 +221,44 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, caplog):
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler) or \
         callable(signal.getsignal(signal.SIGTERM))
     caplog.clear()
-    resumed, result = run(tiny_config(tmp_path, "train.stop_at_iter=4"), resume="auto")
+    resumed, result = run(tiny_config(tmp_path, "train.stop_at_iter=4", "optim.lr=0.001"),
+                          resume="auto")
     assert result["iteration"] == 4
-    # what the resumed run sets differently is said, not refused
-    warned = [r.getMessage() for r in caplog.records if "differ from its own" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].endswith(": train.stop_at_iter: 0 -> 4")
+    # what the resumed run sets differently is said, not refused: a warning for what
+    # changes the method, a line for where and how it runs
+    said = {r.levelname: r.getMessage() for r in caplog.records if "resuming" in r.getMessage()}
+    assert said["WARNING"].endswith("differ from its own: optim.lr: 0.002 -> 0.001")
+    assert said["INFO"].endswith("changed: train.stop_at_iter: 0 -> 4")
 
 
-def test_changed_settings_lists_new_and_changed_keys_but_not_the_architecture():
-    saved = {"config": {"optim": {"clip_mode": "global", "lr": 5e-4},
-                        "data": {"global_scale": [0.25, 1.0]},
+def test_changed_settings_lists_new_changed_and_gone_keys_but_not_the_architecture():
+    saved = {"config": {"optim": {"clip_mode": "global", "lr": 5e-4, "old_knob": 1},
+                        "data": {"global_scale": [0.25, 1.0], "path": "/a"},
                         "model": {"arch": "vit_small"}}}
     now = {"optim": {"clip_mode": "per_param", "lr": 5e-4},
-           "data": {"global_scale": (0.25, 1.0)}, "masks": {"pred_shape": "block"},
-           "model": {"arch": "vit_base"}}
-    assert checkpoint.changed_settings(saved, now) == [
-        "optim.clip_mode: global -> per_param", "masks.pred_shape: (not saved) -> block"]
+           "data": {"global_scale": (0.25, 1.0), "path": "/b"},
+           "masks": {"pred_shape": "block"}, "model": {"arch": "vit_base"}}
+    assert checkpoint.changed_settings(saved, now) == (
+        ["optim.clip_mode: global -> per_param", "optim.old_knob: 1 -> (no such key now)",
+         "masks.pred_shape: (not saved) -> block"],
+        ["data.path: /a -> /b"])
+
+
+def test_stop_at_iter_on_an_epochs_last_batch_does_the_epochs_end(tmp_path):
+    """train.stop_at_iter on an epoch's last batch: the epoch ends first (k-NN, kept
+    copy) and the checkpoint says so, or the resumed run would skip them. A kept copy
+    does not wait for a save_every epoch."""
+    trainer = Trainer(tiny_config(tmp_path, "train.stop_at_iter=3", "eval.knn_every=1",
+                                  "train.keep_every=1", "train.save_every=2"))
+    events, real_save = [], trainer.save
+    trainer.evaluate_knn = lambda: events.append("knn")
+    trainer.save = lambda also=None: (events.append(("save", also)), real_save(also))
+    result = trainer.run()
+    assert result["status"] == "stopped" and result["iteration"] == 3
+    assert events == [("save", "checkpoint0001.pth"), "knn"]
+    ckpt = checkpoint.load(tmp_path / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 0)
+    assert (tmp_path / "checkpoint0001.pth").exists()
 
 
 def test_main_prints_one_line_errors(tmp_path, capsys):
@@ -296,6 +318,17 @@ def test_resume_refuses_to_overwrite_another_run_or_to_split_the_processes(tmp_p
     monkeypatch.setattr(dist, "all_gather_object", lambda obj: [obj, "None"])
     with pytest.raises(UserError, match="the processes disagree on whether to resume"):
         Trainer(cfg, resume="auto")
+    # the command decides before building anything: a refusal on one process is an
+    # error on all (not some failing and the others waiting for them)
+    from ibot_fast.train import agreed_resume_choice
+    monkeypatch.setattr(dist, "all_gather_object",
+                        lambda obj: [obj, ("None", "x holds an earlier run")])
+    with pytest.raises(UserError, match="^x holds an earlier run$"):
+        agreed_resume_choice(cfg, "auto", 2)
+    monkeypatch.setattr(dist, "all_gather_object", lambda obj: [obj, ("None", None)])
+    with pytest.raises(UserError, match="the processes disagree"):
+        agreed_resume_choice(cfg, "auto", 2)
+    assert agreed_resume_choice(cfg, "auto", 1) == "auto"
 
 
 def test_log_lines_follow_the_current_stdout(monkeypatch, capsys):
