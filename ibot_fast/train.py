@@ -715,8 +715,11 @@ def main(argv=None):
         rank, world_size, _ = dist.init(cfg.train.device)
         setup_logging(rank == 0)  # resume_choice says what it chose
         result = train(cfg, agreed_resume_choice(cfg, args.resume, world_size))
-        if result["status"] == "requeued" and not slurm.requeue_job():
-            result["status"] = "not requeued"  # the checkpoint is saved; exit 1 tells
+        if result["status"] == "requeued":
+            if slurm.job_id() is None:  # SIGUSR2 by hand: nothing to requeue
+                result["status"] = "stopped"
+            if not slurm.requeue_job():
+                result["status"] = "not requeued"  # the checkpoint is saved; exit 1 tells
         code = 0 if result["status"] in ("finished", "stopped", "preempted", "requeued") else 1
     except UserError as e:
         print_error(e)

@@ -108,9 +108,12 @@ def extract_features(backbone, source, size: int, device, n_blocks: int = 4,
     """
     backbone.eval()
     indices = list(range(dist.rank(), len(source), dist.world_size()))
+    from ..data import _ignore_signals  # pre-emption mid-evaluation must not kill them
+
     loader = torch.utils.data.DataLoader(_Shard(EvalImages(source, size), indices),
                                          batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=_collate)
+                                         collate_fn=_collate, worker_init_fn=_ignore_signals,
+                                         pin_memory=device.type == "cuda")
     dim = (n_blocks + int(avgpool)) * backbone.embed_dim
     empty = torch.zeros(0, dtype=torch.int64)  # a process whose shard is all unreadable
     feats, labels, order = [torch.zeros(0, dim)], [empty], [empty]
