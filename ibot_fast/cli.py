@@ -50,23 +50,27 @@ def cmd_demo(argv):
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    import torch
-
-    from .config import build_config
     from . import dist
+    from .config import build_config
     from .eval.knn import format_results, knn_eval_backbone, random_init_backbone
     from .train import Trainer
 
     cfg = build_config("demo", [f"train.output_dir={args.output_dir}"] + args.overrides)
-    device = torch.device("cpu") if cfg.train.device == "cpu" or not torch.cuda.is_available() \
-        else torch.device("cuda")
+    _, _, device = dist.init(cfg.train.device)  # under torchrun: one GPU per process
     start = time.time()
     random_acc = knn_eval_backbone(cfg, random_init_backbone(cfg).to(device), device)
     trainer = Trainer(cfg, resume=None)
     try:
-        trainer.run()
+        result = trainer.run()
     finally:
         trainer.close()
+    if result["status"] in ("preempted", "requeued"):  # a signal: saved, not finished
+        if dist.is_main():
+            again = " ".join(["--output-dir", args.output_dir, *args.overrides])
+            print(f"\ndemo training {result['status']} at epoch {result['epoch']}: go on "
+                  f"with `ibot-fast train --preset demo {again} --resume`, then "
+                  f"`ibot-fast knn --checkpoint {args.output_dir}/checkpoint.pth`")
+        return 0
     # every process extracts its shard of the images (gathered under FSDP)
     trained_acc = knn_eval_backbone(cfg, trainer.whole_teacher_backbone(everywhere=True),
                                     device)

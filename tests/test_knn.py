@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
+from ibot_fast import checkpoint
 from ibot_fast.cli import demo_pictures
 from ibot_fast.config import build_config
 from ibot_fast.eval.knn import knn_classify, knn_eval_backbone, random_init_backbone
@@ -28,7 +29,9 @@ def knn_loop(train_f, train_y, test_f, test_y, k, temperature):
     return 100.0 * correct / len(test_y)
 
 
-def test_knn_classify_equals_the_loop():
+@pytest.mark.parametrize("chunk, block", [(16, 65536), (7, 13), (61, 1)])
+def test_knn_classify_equals_the_loop(chunk, block):
+    """Whatever the test chunks and the training blocks streamed past them."""
     g = torch.Generator().manual_seed(0)
     centres = F.normalize(torch.randn(5, 16, generator=g), dim=-1)
     train_y = torch.randint(0, 5, (200,), generator=g)
@@ -37,7 +40,7 @@ def test_knn_classify_equals_the_loop():
     train_f = F.normalize(centres[train_y] + noise * torch.randn(200, 16, generator=g), dim=-1)
     test_f = F.normalize(centres[test_y] + noise * torch.randn(61, 16, generator=g), dim=-1)
     ks = (1, 10, 20, 250)  # 250 > the training size: capped
-    got = knn_classify(train_f, train_y, test_f, test_y, ks, 0.07, chunk=16)
+    got = knn_classify(train_f, train_y, test_f, test_y, ks, 0.07, chunk, block)
     for k in ks:
         assert got[k] == pytest.approx(knn_loop(train_f, train_y, test_f, test_y, min(k, 200),
                                                 0.07))
@@ -86,6 +89,33 @@ def test_demo_command_end_to_end_short(tmp_path, capsys):
     assert (out / "checkpoint.pth").exists() and (out / "log.jsonl").exists()
     pictures = next(line for line in printed.splitlines() if line.startswith("pictures:"))
     assert all(Path(p).is_file() for p in pictures.split()[1:])
+
+
+def test_a_signalled_demo_saves_and_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """SIGTERM during `ibot-fast demo`: the checkpoint is saved and the command says how
+    to resume, instead of scoring a half-trained teacher as the demo's result."""
+    import os
+    import signal
+
+    from ibot_fast.cli import main
+
+    real_step = Trainer.train_step
+
+    def step_then_sigterm(self, batch, it, epoch):
+        out = real_step(self, batch, it, epoch)
+        if it == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
+    out = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(out), "data.num_workers=0",
+                 "train.device=cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "iBOT teacher" not in printed
+    assert (f"demo training preempted at epoch 0: go on with `ibot-fast train --preset demo "
+            f"--output-dir {out} data.num_workers=0 train.device=cpu --resume`") in printed
+    assert checkpoint.load(out / "checkpoint.pth")["iteration"] == 2
 
 
 def test_the_knn_command_under_torchrun_splits_the_images(tmp_path, capsys):

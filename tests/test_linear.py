@@ -14,7 +14,7 @@ from ibot_fast import UserError, checkpoint
 from ibot_fast.config import build_config, to_dict
 from ibot_fast.data.datasets import DigitsDataset
 from ibot_fast.eval.knn import extract_features as knn_extract_features
-from ibot_fast.eval.knn import random_init_backbone
+from ibot_fast.eval.knn import knn_classify, knn_eval_backbone, random_init_backbone
 from ibot_fast.eval.linear import (cmd_linear, extract_features, feature_spec,
                                    linear_eval_backbone, linear_probe, train_linear)
 
@@ -164,10 +164,12 @@ def test_cmd_linear_on_an_image_folder(tmp_path, capsys):
 WORKER = textwrap.dedent("""
     import sys
     import torch
-    from ibot_fast import dist
+    import torch.nn.functional as F
+    from ibot_fast import UserError, dist
     from ibot_fast.config import build_config
     from ibot_fast.data.datasets import DigitsDataset
-    from ibot_fast.eval.knn import random_init_backbone
+    from ibot_fast.eval import features
+    from ibot_fast.eval.knn import knn_classify, knn_eval_backbone, random_init_backbone
     from ibot_fast.eval.linear import extract_features
 
     torch.set_num_threads(1)
@@ -176,15 +178,42 @@ WORKER = textwrap.dedent("""
     source.targets, source.images = source.targets[:45], source.images[:45]
     backbone = random_init_backbone(build_config("demo"), seed=3)
     f, y = extract_features(backbone, source, 32, device, 2, True, batch_size=8)
+    features.GATHER_PIECE_BYTES = 1  # one row per all-gather: the pieces' bookkeeping
+    f1, y1 = extract_features(backbone, source, 32, device, 2, True, batch_size=8)
+    features.GATHER_PIECE_BYTES = 2000  # 3 of rank 0's 23 rows per piece (576 B each)
+    f2, y2 = extract_features(backbone, source, 32, device, 2, True, batch_size=8)
+    own, own_y = extract_features(backbone, source, 32, device, 2, True, batch_size=8,
+                                  gather=False)
     names = [dist.store_gather(f"r{rank}-{i}") for i in range(2)]  # the shared-GPU check's
-    torch.save((world, f, y, names), f"{sys.argv[1]}/rank{rank}.pt")
+
+    # k-NN with each process searching its shard of the training rows
+    g = torch.Generator().manual_seed(0)
+    train_f, test_f = F.normalize(torch.randn(101, 16, generator=g), dim=-1), \
+        F.normalize(torch.randn(40, 16, generator=g), dim=-1)
+    train_y, test_y = torch.randint(0, 5, (101,), generator=g), \
+        torch.randint(0, 5, (40,), generator=g)
+    knn = knn_classify(train_f[rank::world], train_y[rank::world], test_f, test_y,
+                       (1, 7, 20, 60, 250), 0.07, chunk=8, block=5, sharded=True)
+    digits_knn = knn_eval_backbone(build_config("demo"), backbone, device, source, source)
+
+    try:  # a dataset that differs between processes: a one-line error on both
+        source.targets, source.images = source.targets[:45 - rank], source.images[:45 - rank]
+        extract_features(backbone, source, 32, device, 1, False)
+        differs = None
+    except UserError as e:
+        differs = str(e)
+    torch.save((world, f, y, f1, y1, f2, y2, own, own_y, names, knn, digits_knn, differs),
+               f"{sys.argv[1]}/rank{rank}.pt")
     dist.end(0)
 """)
 
 
 def test_ddp_extraction_shards_and_gathers(tmp_path):
     """Two gloo processes each extract half of 45 images (23 + 22); both get all 45
-    features, in the source's order, as one process computes them."""
+    features, in the source's order, as one process computes them, whatever the size of
+    the all-gather's pieces; with gather=False each keeps its own shard. The k-NN with
+    each process searching its shard of the training rows equals one process's search
+    over all of them; a dataset that differs between the processes is refused on both."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -198,8 +227,26 @@ def test_ddp_extraction_shards_and_gathers(tmp_path):
     source.targets, source.images = source.targets[:45], source.images[:45]
     backbone = random_init_backbone(build_config("demo"), seed=3)
     f, y = extract_features(backbone, source, 32, torch.device("cpu"), 2, True, batch_size=8)
+    g = torch.Generator().manual_seed(0)
+    train_f, test_f = F.normalize(torch.randn(101, 16, generator=g), dim=-1), \
+        F.normalize(torch.randn(40, 16, generator=g), dim=-1)
+    train_y, test_y = torch.randint(0, 5, (101,), generator=g), \
+        torch.randint(0, 5, (40,), generator=g)
+    knn = knn_classify(train_f, train_y, test_f, test_y, (1, 7, 20, 60, 250), 0.07)
+    assert 0 < knn[20] < 100
+    digits_knn = knn_eval_backbone(build_config("demo"), backbone, torch.device("cpu"),
+                                   source, source)
+    assert digits_knn[10] > 20  # the same images: a non-trivial score to agree on
     for rank in range(2):
-        world, fr, yr, names = torch.load(tmp_path / f"rank{rank}.pt")
+        world, *gathered, own, own_y, names, knn_r, digits_r, differs = \
+            torch.load(tmp_path / f"rank{rank}.pt")
         assert world == 2 and names == [["r0-0", "r1-0"], ["r0-1", "r1-1"]]
-        assert torch.equal(yr, y)
-        torch.testing.assert_close(fr, f, rtol=1e-5, atol=1e-5)
+        for fr, yr in zip(gathered[::2], gathered[1::2]):
+            assert torch.equal(yr, y)
+            torch.testing.assert_close(fr, f, rtol=1e-5, atol=1e-5)
+        assert torch.equal(own_y, y[rank::2])
+        torch.testing.assert_close(own, f[rank::2], rtol=1e-5, atol=1e-5)
+        assert knn_r == knn
+        assert digits_r == pytest.approx(digits_knn, abs=1e-9)
+        assert differs == ("the evaluation dataset differs between processes ([45, 44] images "
+                           "on ranks 0..): every node must see the same files")

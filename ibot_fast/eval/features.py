@@ -4,10 +4,13 @@ Images are resized to 256/224 of the crop size (bicubic) and centre-cropped, wit
 augmentation (`eval_transform`). Features are the CLS tokens of the last `n_blocks`
 blocks after the final norm, optionally followed by the average of the last block's
 patch tokens. Under torch.distributed every process extracts its shard (images r,
-r + world, ...) with its own DataLoader workers and the features are all-gathered: every
-process returns all of them, in the source's order, so every process must call it (the
+r + world, ...) with its own DataLoader workers, so every process must call it (the
 k-NN during training and `ibot-fast knn` / `linear` under torchrun: ImageNet's 1.28 M
-training images split over the processes instead of read by one).
+training images split over the processes instead of read by one). With `gather=True`
+the shards are all-gathered, in pieces of at most `GATHER_PIECE_BYTES` on the device,
+straight into one CPU tensor in the source's order (no device or host copy of the whole
+matrix beside it); with `gather=False` each process keeps its own shard (the k-NN's
+training features: each process searches its shard, knn.py merges the candidates).
 """
 import logging
 
@@ -81,32 +84,85 @@ def _collate(items):
     return torch.stack(x), torch.tensor(y), torch.tensor(i)
 
 
-def _all_gather_rows(tensors, device):
-    """Concatenate each tensor's rows over all processes (shards may differ in length)."""
+GATHER_PIECE_BYTES = 1 << 26  # device memory per all-gather piece, all processes' rows
+
+
+def _check_same_source(length: int, device) -> None:
+    """Every process must read the same image list: a folder that differs between
+    nodes would silently score a mixture."""
+    lengths = [torch.zeros(1, dtype=torch.int64, device=device)
+               for _ in range(dist.world_size())]
+    torch.distributed.all_gather(lengths, torch.tensor([length], device=device))
+    lengths = [int(n) for n in lengths]
+    if len(set(lengths)) > 1:
+        raise UserError(f"the evaluation dataset differs between processes ({lengths} images "
+                        "on ranks 0..): every node must see the same files")
+
+
+def _gather_pieces(t, counts, device, write) -> None:
+    """All-gather the rows of `t` (counts[r] on process r) in pieces of at most
+    GATHER_PIECE_BYTES on the device; write(r, first, rows) receives each process's
+    valid rows of each piece, on the CPU."""
+    world = len(counts)
+    row_bytes = max(1, t[0:1].numel() * t.element_size())
+    step = max(1, GATHER_PIECE_BYTES // (row_bytes * world))
+    for first in range(0, max(counts), step):
+        n = min(step, max(counts) - first)
+        piece = t.new_zeros((n,) + t.shape[1:], device=device)
+        mine = t[first:first + n]
+        piece[:mine.shape[0]] = mine.to(device)
+        parts = [torch.empty_like(piece) for _ in range(world)]
+        torch.distributed.all_gather(parts, piece)
+        for r, part in enumerate(parts):
+            valid = max(0, min(n, counts[r] - first))
+            if valid:
+                write(r, first, part[:valid].cpu())
+
+
+def _all_gather_rows(order, tensors, device):
+    """Every process's rows of `tensors` (its shard, source indices `order`; shards may
+    differ in length) on the CPU, sorted by source index: the indices travel first, so
+    each piece of the tensors is then written straight to its rows' final places (no
+    second copy of the whole matrix on the device or the host)."""
     world = dist.world_size()
-    count = torch.tensor([tensors[0].shape[0]], device=device)
+    count = torch.tensor([order.shape[0]], device=device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     torch.distributed.all_gather(counts, count)
     counts = [int(c) for c in counts]
-    gathered = []
+    starts = [sum(counts[:r]) for r in range(world)]
+    every = order.new_empty(sum(counts))
+
+    def write_order(r, first, rows):
+        every[starts[r] + first:starts[r] + first + rows.shape[0]] = rows
+
+    _gather_pieces(order, counts, device, write_order)
+    places = torch.empty_like(every)  # row j of the rank-by-rank concatenation -> its row
+    places[every.argsort()] = torch.arange(every.shape[0])
+    results = []
     for t in tensors:
-        padded = t.new_zeros((max(counts),) + t.shape[1:], device=device)
-        padded[:t.shape[0]] = t.to(device)
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        torch.distributed.all_gather(parts, padded)
-        gathered.append(torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu())
-    return gathered
+        out = t.new_empty((every.shape[0],) + t.shape[1:], device="cpu")
+
+        def write(r, first, rows, out=out):
+            out[places[starts[r] + first:starts[r] + first + rows.shape[0]]] = rows
+
+        _gather_pieces(t, counts, device, write)
+        results.append(out)
+    return every.sort().values, results
 
 
 @torch.no_grad()
 def extract_features(backbone, source, size: int, device, n_blocks: int = 4,
-                     avgpool: bool = False, batch_size: int = 256, num_workers: int = 0):
-    """Frozen features [n, (n_blocks + avgpool) * dim] (fp32, CPU) and labels [n].
+                     avgpool: bool = False, batch_size: int = 256, num_workers: int = 0,
+                     gather: bool = True):
+    """Frozen features [n, (n_blocks + avgpool) * dim] (fp32, CPU) and labels [n], in the
+    source's order, unreadable images left out.
 
-    Under torch.distributed, process r extracts images r, r + world, ... and the result
-    is all-gathered: every process returns all features, in the source's order.
+    Under torch.distributed process r extracts images r, r + world, ...; with gather=True
+    every process returns all of them, with gather=False its own shard only.
     """
     backbone.eval()
+    if dist.is_initialized():
+        _check_same_source(len(source), device)
     indices = list(range(dist.rank(), len(source), dist.world_size()))
     from ..data import _ignore_signals  # pre-emption mid-evaluation must not kill them
 
@@ -115,21 +171,27 @@ def extract_features(backbone, source, size: int, device, n_blocks: int = 4,
                                          collate_fn=_collate, worker_init_fn=_ignore_signals,
                                          pin_memory=device.type == "cuda")
     dim = (n_blocks + int(avgpool)) * backbone.embed_dim
-    empty = torch.zeros(0, dtype=torch.int64)  # a process whose shard is all unreadable
-    feats, labels, order = [torch.zeros(0, dim)], [empty], [empty]
+    feats = torch.empty(len(indices), dim)  # filled in place: no second copy to concatenate
+    labels = torch.empty(len(indices), dtype=torch.int64)
+    order = torch.empty(len(indices), dtype=torch.int64)
+    n = 0
     for batch in loader:
         if batch is None:
             continue
         x, y, i = batch
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             layers = backbone.get_intermediate_layers(x.to(device, non_blocking=True), n_blocks)
-        feats.append(pool_features(layers, avgpool).float().cpu())
-        labels.append(y)
-        order.append(i)
-    feats, labels, order = torch.cat(feats), torch.cat(labels), torch.cat(order)
+        feats[n:n + len(i)] = pool_features(layers, avgpool).float().cpu()
+        labels[n:n + len(i)], order[n:n + len(i)] = y, i
+        n += len(i)
+    feats, labels, order = feats[:n], labels[:n], order[:n]  # a shard may be all unreadable
+    readable = n
     if dist.is_initialized():
-        feats, labels, order = _all_gather_rows([feats, labels, order], device)
-    if feats.shape[0] == 0:
+        if gather:
+            order, (feats, labels) = _all_gather_rows(order, [feats, labels], device)
+            readable = order.shape[0]
+        else:
+            readable = int(dist.all_reduce_(torch.tensor([n], device=device)))
+    if readable == 0:
         raise UserError("no readable images to extract features from")
-    sort = order.argsort()
-    return feats[sort], labels[sort]
+    return feats, labels

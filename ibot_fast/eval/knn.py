@@ -4,60 +4,125 @@ Features: the backbone's CLS token after the final norm, images resized to 256/2
 the crop size and centre-cropped (224 px for ImageNet, 32 px for the digits), then
 L2-normalised. Each test image takes its k most cosine-similar training images; their
 votes are weighted by exp(sim / T) (T = 0.07), and the class with most weight wins.
+
+The search runs on the evaluation device: the training features stream past all the
+held-out ones in blocks, each held-out image keeping a running top k. Under
+torch.distributed each process extracts and searches only its shard of the training
+images and the [n_test, k] candidate lists are merged, so no process ever holds all the
+training features (ImageNet with ViT-B: 3.9 GB of them).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .. import UserError
+from .. import UserError, dist
 from ..data.datasets import build_dataset
 from .features import EvalImages, eval_transform  # noqa: F401 (the k-NN's transform)
 from .features import extract_features as extract_blocks
 
 
 def extract_features(backbone, source, size: int, device, batch_size: int = 256,
-                     num_workers: int = 0):
-    """L2-normalised CLS features [n, dim] (fp32) and labels [n] of a source (the last
-    block's CLS after the final norm; sharded and all-gathered under torch.distributed,
-    so every process must call it)."""
+                     num_workers: int = 0, gather: bool = True):
+    """L2-normalised CLS features [n, dim] (fp32, CPU) and labels [n] of a source (the
+    last block's CLS after the final norm). Under torch.distributed every process must
+    call it; it returns all features (gather=True) or the process's shard."""
     feats, labels = extract_blocks(backbone, source, size, device, 1, False, batch_size,
-                                   num_workers)
+                                   num_workers, gather)
     return F.normalize(feats, dim=-1), labels
+
+
+def _nearest(train_features, train_labels, test_features, k: int, device, chunk: int,
+             block: int):
+    """For every test row, the k largest similarities to the training rows (sorted,
+    -inf where fewer than k exist) and those rows' labels. The training features go to
+    the device `block` rows at a time; each test row keeps a running top k, so the
+    memory is O(block x chunk + n_test x k), never O(n_test x n_train)."""
+    test = test_features.to(device)
+    best = torch.full((test.shape[0], k), -math.inf, device=device)
+    best_labels = torch.zeros((test.shape[0], k), dtype=torch.int64, device=device)
+    for first in range(0, train_features.shape[0], block):
+        train = train_features[first:first + block].to(device, non_blocking=True)
+        labels = train_labels[first:first + block].to(device, non_blocking=True)
+        for row in range(0, test.shape[0], chunk):
+            sim, idx = (test[row:row + chunk] @ train.T).topk(min(k, train.shape[0]), dim=1)
+            sim = torch.cat([best[row:row + chunk], sim], dim=1)
+            lab = torch.cat([best_labels[row:row + chunk], labels[idx]], dim=1)
+            best[row:row + chunk], keep = sim.topk(k, dim=1)
+            best_labels[row:row + chunk] = lab.gather(1, keep)
+    return best, best_labels
+
+
+def _merge_shards(best, best_labels, k: int, rows: int = 8192):
+    """Each process's top k (of its training shard) -> the top k over all shards, on
+    every process; all-gathered `rows` test rows at a time."""
+    world = dist.world_size()
+    for row in range(0, best.shape[0], rows):
+        sims = [torch.empty_like(best[row:row + rows]) for _ in range(world)]
+        labels = [torch.empty_like(best_labels[row:row + rows]) for _ in range(world)]
+        torch.distributed.all_gather(sims, best[row:row + rows].contiguous())
+        torch.distributed.all_gather(labels, best_labels[row:row + rows].contiguous())
+        best[row:row + rows], keep = torch.cat(sims, dim=1).topk(k, dim=1)
+        best_labels[row:row + rows] = torch.cat(labels, dim=1).gather(1, keep)
+    return best, best_labels
 
 
 @torch.no_grad()
 def knn_classify(train_features, train_labels, test_features, test_labels,
-                 ks=(10, 20, 100, 200), temperature: float = 0.07, chunk: int = 512) -> dict:
-    """Top-1 accuracy (%) of weighted k-NN for each k (k capped at the training size)."""
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    k_max = min(max(ks), train_features.shape[0])
-    correct = {k: 0 for k in ks}
-    for start in range(0, test_features.shape[0], chunk):
-        f = test_features[start:start + chunk]
-        y = test_labels[start:start + chunk]
-        sim, idx = (f @ train_features.T).topk(k_max, dim=1)  # sorted, most similar first
-        neighbour_labels = train_labels[idx]
-        weights = (sim / temperature).exp()
-        for k in ks:
-            kk = min(k, k_max)
-            votes = torch.zeros(f.shape[0], num_classes)
-            votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
-            correct[k] += int((votes.argmax(1) == y).sum())
-    return {k: 100.0 * correct[k] / test_features.shape[0] for k in ks}
+                 ks=(10, 20, 100, 200), temperature: float = 0.07, chunk: int = 1024,
+                 block: int = 65536, device=None, sharded: bool = False) -> dict:
+    """Top-1 accuracy (%) of weighted k-NN for each k (k capped at the training size).
+
+    Runs on `device` (default: the test features'), streaming the training features in
+    blocks of `block` rows. sharded=True (under torch.distributed): `train_*` are this
+    process's shard of the training set (extract_features(gather=False)) and every
+    process holds all test features; each searches its shard, the candidates are merged,
+    and every process returns the same accuracies.
+    """
+    device = torch.device(device) if device is not None else test_features.device
+    sharded = sharded and dist.is_initialized()
+    n_train = torch.tensor([train_features.shape[0]], device=device)
+    top_label = torch.tensor([int(train_labels.max()) if len(train_labels) else 0,
+                              int(test_labels.max())], device=device)
+    if sharded:
+        dist.all_reduce_(n_train)
+        dist.all_reduce_(top_label, torch.distributed.ReduceOp.MAX)
+    num_classes = int(top_label.max()) + 1
+    k_max = min(max(ks), int(n_train))
+    if k_max == 0:
+        raise UserError("k-NN: no training features")
+    best, best_labels = _nearest(train_features, train_labels, test_features, k_max,
+                                 device, chunk, block)
+    if sharded:
+        best, best_labels = _merge_shards(best, best_labels, k_max)
+    weights = (best / temperature).exp()
+    test_labels = test_labels.to(device)
+    accuracy = {}
+    for k in ks:
+        kk = min(k, k_max)
+        votes = torch.zeros(best.shape[0], num_classes, device=device)
+        votes.scatter_add_(1, best_labels[:, :kk], weights[:, :kk])
+        correct = int((votes.argmax(1) == test_labels).sum())
+        accuracy[k] = 100.0 * correct / test_features.shape[0]
+    return accuracy
 
 
 def knn_eval_backbone(cfg, backbone, device, train_source=None, test_source=None) -> dict:
     """k-NN accuracy of a backbone on the config's held-out split (digits test / val/).
-    Under torch.distributed every process must call it (the features are extracted in
-    shards and all-gathered) and every process gets the result."""
+    Under torch.distributed every process must call it: each extracts and searches its
+    shard of the training images (nobody holds all their features), the held-out
+    features are all-gathered, and every process gets the result."""
     train_source = train_source or build_dataset(cfg, "train")
     test_source = test_source or build_dataset(cfg, "test")
     size = cfg.data.global_size
     was_training = backbone.training
     kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers)
-    train_f, train_y = extract_features(backbone, train_source, size, device, **kwargs)
+    train_f, train_y = extract_features(backbone, train_source, size, device, gather=False,
+                                        **kwargs)
     test_f, test_y = extract_features(backbone, test_source, size, device, **kwargs)
     backbone.train(was_training)
-    return knn_classify(train_f, train_y, test_f, test_y, cfg.eval.knn_k, cfg.eval.knn_temp)
+    return knn_classify(train_f, train_y, test_f, test_y, cfg.eval.knn_k, cfg.eval.knn_temp,
+                        device=device, sharded=True)
 
 
 def random_init_backbone(cfg, seed: int = None):
