@@ -31,14 +31,14 @@ def cmd_knn(argv):
                                 "backbone features (teacher CLS, T=0.07)")
     from . import dist
     from .eval.knn import add_backbone_args, backbone_from_args, format_results, \
-        knn_eval_backbone
+        knn_eval_backbone, on_device
 
     add_backbone_args(p, "evaluate")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     cfg, backbone, what = backbone_from_args(args, "knn")
     _, _, device = dist.init("auto")  # under torchrun, each process extracts a shard
-    results = knn_eval_backbone(cfg, backbone.to(device), device)
+    results = knn_eval_backbone(cfg, on_device(backbone, device), device)
     if dist.is_main():
         print(f"k-NN top-1 ({what}): {format_results(results)}")
     return 0  # the group is ended by main (dist.end)
@@ -52,13 +52,14 @@ def cmd_demo(argv):
     args = p.parse_args(argv)
     from . import dist
     from .config import build_config
-    from .eval.knn import format_results, knn_eval_backbone, random_init_backbone
+    from .eval.knn import format_results, knn_eval_backbone, on_device, \
+        random_init_backbone
     from .train import Trainer
 
     cfg = build_config("demo", [f"train.output_dir={args.output_dir}"] + args.overrides)
     _, _, device = dist.init(cfg.train.device)  # under torchrun: one GPU per process
     start = time.time()
-    random_acc = knn_eval_backbone(cfg, random_init_backbone(cfg).to(device), device)
+    random_acc = knn_eval_backbone(cfg, on_device(random_init_backbone(cfg), device), device)
     trainer = Trainer(cfg, resume=None)
     try:
         result = trainer.run()

@@ -140,3 +140,29 @@ def test_the_knn_command_under_torchrun_splits_the_images(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = [line for line in proc.stdout.splitlines() if line.startswith("k-NN top-1")]
     assert printed == [single]
+
+
+@pytest.mark.gpu
+def test_knn_on_the_gpu_equals_the_cpu():
+    """The evaluation on a GPU (SDPA attention under bf16 autocast, the search on the
+    device) gives the CPU's features within bf16 rounding, and the same k-NN votes from
+    the same features."""
+    from ibot_fast.data.datasets import DigitsDataset
+    from ibot_fast.eval.knn import extract_features, on_device
+
+    source = DigitsDataset("test")
+    source.targets, source.images = source.targets[:96], source.images[:96]
+    cfg = build_config("demo")
+    cpu_f, y = extract_features(random_init_backbone(cfg, seed=1), source, 32,
+                                torch.device("cpu"))
+    gpu = torch.device("cuda")
+    backbone = on_device(random_init_backbone(cfg, seed=1), gpu)
+    assert backbone.blocks[0].attn.backend == "sdpa"
+    gpu_f, gpu_y = extract_features(backbone, source, 32, gpu)
+    assert torch.equal(gpu_y, y)
+    torch.testing.assert_close(gpu_f, cpu_f, rtol=0, atol=3e-2)
+    train, test = slice(0, 64), slice(64, 96)
+    on_cpu = knn_classify(cpu_f[train], y[train], cpu_f[test], y[test], (1, 5, 20))
+    on_gpu = knn_classify(cpu_f[train], y[train], cpu_f[test], y[test], (1, 5, 20), device=gpu,
+                          block=17)
+    assert on_gpu == on_cpu

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 from .. import UserError, dist
 from .features import extract_features
-from .knn import add_backbone_args, backbone_from_args, format_results, knn_classify
+from .knn import (add_backbone_args, backbone_from_args, format_results, knn_classify,
+                  on_device)
 
 # DINOv2's linear-evaluation grid.
 DEFAULT_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
@@ -196,7 +197,7 @@ def linear_eval_backbone(cfg, backbone, device, lrs=DEFAULT_LRS, n_blocks=None,
         last_cls = slice((n_blocks - 1) * d, n_blocks * d)
         results["knn"] = knn_classify(F.normalize(train_f[:, last_cls], dim=-1), train_y,
                                       F.normalize(test_f[:, last_cls], dim=-1), test_y,
-                                      cfg.eval.knn_k, cfg.eval.knn_temp)
+                                      cfg.eval.knn_k, cfg.eval.knn_temp, device=device)
     return results
 
 
@@ -239,10 +240,8 @@ def cmd_linear(argv) -> int:
         raise UserError("--epochs and --batch-size must be >= 1 and every --lrs value > 0")
     cfg, backbone, what = backbone_from_args(args, "linear")
     _, _, device = dist.init("auto")
-    if device.type == "cuda":
-        backbone.set_attention_backend("sdpa")
-    results = linear_eval_backbone(cfg, backbone.to(device), device, args.lrs, args.n_blocks,
-                                   args.avgpool, epochs=args.epochs,
+    results = linear_eval_backbone(cfg, on_device(backbone, device), device, args.lrs,
+                                   args.n_blocks, args.avgpool, epochs=args.epochs,
                                    batch_size=args.batch_size, momentum=args.momentum,
                                    weight_decay=args.wd, seed=args.seed,
                                    standardize_features=args.standardize)
