@@ -74,10 +74,15 @@ def check_compatible(ckpt: dict, cfg_dict: dict, path="checkpoint") -> None:
 
 
 # Keys that say where and how a run executes, not what it computes: a resume that
-# changes them is routine (a new folder, a moved dataset, another machine).
+# changes them is routine (a new folder, a moved dataset, another machine, more or fewer
+# GPUs, a faster kernel path or a memory knob for them; how it is evaluated).
 OPERATIONAL = ("train.output_dir", "train.stop_at_iter", "train.device", "train.log_every",
-               "train.save_every", "train.keep_every", "data.path", "data.num_workers",
-               "data.prefetch", "eval.knn_every", "eval.batch_size", "model.init_from")
+               "train.save_every", "train.keep_every", "train.max_nonfinite",
+               "train.compile", "train.parallel", "train.fsdp_reshard_after_forward",
+               "train.fsdp_shard_size", "model.attention", "model.activation_checkpointing",
+               "data.path", "data.num_workers", "data.prefetch", "data.pipeline",
+               "data.max_bad_fraction", "eval.knn_every", "eval.batch_size", "eval.knn_k",
+               "eval.knn_temp", "model.init_from")
 
 
 def changed_settings(ckpt: dict, cfg_dict: dict) -> tuple:

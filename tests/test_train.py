@@ -234,14 +234,16 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, caplog):
 def test_changed_settings_lists_new_changed_and_gone_keys_but_not_the_architecture():
     saved = {"config": {"optim": {"clip_mode": "global", "lr": 5e-4, "old_knob": 1},
                         "data": {"global_scale": [0.25, 1.0], "path": "/a"},
+                        "train": {"compile": False, "precision": "bf16"},
                         "model": {"arch": "vit_small"}}}
     now = {"optim": {"clip_mode": "per_param", "lr": 5e-4},
            "data": {"global_scale": (0.25, 1.0), "path": "/b"},
+           "train": {"compile": True, "precision": "fp16"},
            "masks": {"pred_shape": "block"}, "model": {"arch": "vit_base"}}
     assert checkpoint.changed_settings(saved, now) == (
         ["optim.clip_mode: global -> per_param", "optim.old_knob: 1 -> (no such key now)",
-         "masks.pred_shape: (not saved) -> block"],
-        ["data.path: /a -> /b"])
+         "train.precision: bf16 -> fp16", "masks.pred_shape: (not saved) -> block"],
+        ["data.path: /a -> /b", "train.compile: False -> True"])
 
 
 def test_stop_at_iter_on_an_epochs_last_batch_does_the_epochs_end(tmp_path):
