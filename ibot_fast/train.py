@@ -581,7 +581,7 @@ class Trainer:
             "loss": self.loss.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "iteration": self.iteration,
+            "iteration": self.iteration, "global_batch": self.derived["global_batch"],
             "config": to_dict(self.cfg),
             "rng": dist.all_gather_object(checkpoint.rng_state()),
             "counters": {"nonfinite_total": int(self.nonfinite_total),
@@ -627,10 +627,7 @@ class Trainer:
         self.loss.load_state_dict(ckpt["loss"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
-        self.iteration = ckpt["iteration"]
-        if self.batch_in_epoch >= self.iters_per_epoch:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self._restore_position(ckpt, path)
         rng = ckpt["rng"]
         checkpoint.set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
         counters = ckpt.get("counters", {})
@@ -638,6 +635,38 @@ class Trainer:
         self.nonfinite_run.fill_(counters.get("nonfinite_run", 0))
         self.n_bad_images = counters.get("bad_images", 0) if self.is_main else 0
         log.info("resumed from %s at epoch %d, iteration %d", path, self.epoch, self.iteration)
+
+    def _restore_position(self, ckpt: dict, path) -> None:
+        """Epoch, batch and iteration from the checkpoint. When the epoch length has
+        changed (another global batch: another number of processes or
+        train.batch_size; or another dataset size), the official code's rule: the
+        epoch counts, the iteration is recomputed from it with this run's epoch length
+        (the schedules are per iteration, epochs x this run's batches per epoch long),
+        and the lr follows this run's global batch. Mid-epoch, the run goes on at the
+        same place in the epoch's image order (the permutation does not depend on the
+        batch), rounded down to a whole batch of the new size: at most one new global
+        batch of images is seen twice in that epoch."""
+        self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.iteration = ckpt["iteration"]
+        batch, per_epoch = self.derived["global_batch"], self.iters_per_epoch
+        saved = ckpt.get("global_batch")  # absent from checkpoints before 2026-11-23
+        if self.iteration != self.epoch * per_epoch + self.batch_in_epoch or \
+                saved not in (None, batch):
+            images = self.batch_in_epoch * saved if saved else 0
+            self.batch_in_epoch = min(images // batch, per_epoch)
+            self.iteration = self.epoch * per_epoch + self.batch_in_epoch
+            where = f"image {images} of its order" if saved else "its start (the " \
+                "checkpoint does not say its batch)"
+            log.warning(
+                "resuming %s with another epoch length: %d batches of %d images (%d "
+                "process(es) x %d), trained at %s: the lr is scaled to this batch (%.3g) and "
+                "the run goes on at epoch %d, %s, iteration %d of %d (the checkpoint's "
+                "was %d)", path, per_epoch, batch, self.world_size, self.cfg.train.batch_size,
+                f"batches of {saved}" if saved else "another", self.derived["lr"],
+                self.epoch, where, self.iteration, len(self.sched.lr), ckpt["iteration"])
+        if self.batch_in_epoch >= per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self.iteration = self.epoch * per_epoch
 
     def _write_config(self):
         if self.is_main:

@@ -8,6 +8,8 @@ import torch
 
 from ibot_fast import UserError, checkpoint
 from ibot_fast.config import build_config
+from ibot_fast.data.cpu import EpochBatchSampler
+from ibot_fast.data.datasets import build_dataset
 from ibot_fast.train import Trainer, TrainingDiverged, main
 
 
@@ -117,6 +119,61 @@ def test_resume_other_architecture_is_one_line_error(tmp_path):
                 resume="auto")
     with pytest.raises(UserError, match="no checkpoint"):
         Trainer(tiny_config(tmp_path / "nothing"), resume="auto")
+
+
+@pytest.mark.parametrize("new_batch, batch_in_epoch", [(4, 2), (12, 0), (8, 1)])
+def test_a_resume_at_another_global_batch_goes_on_from_the_epoch(tmp_path, caplog, new_batch,
+                                                                 batch_in_epoch):
+    """Stopped at epoch 1 after one batch of 8 (image 8 of the epoch's order), resumed
+    at another global batch (as on another number of GPUs): the epoch counts, the
+    iteration is recomputed with the new epoch length, the lr follows the new batch, the
+    run finishes its schedules exactly (at 12 the old iteration 4 would run past the
+    6-step schedule), and the first new step starts where the image order stopped."""
+    run(tiny_config(tmp_path, "train.stop_at_iter=4"))  # 3 batches of 8 per epoch
+    assert checkpoint.load(tmp_path / "checkpoint.pth")["global_batch"] == 8
+    trainer = Trainer(tiny_config(tmp_path, f"train.batch_size={new_batch}"), resume="auto")
+    per_epoch = 24 // new_batch
+    assert (trainer.epoch, trainer.batch_in_epoch) == (1, batch_in_epoch)
+    assert trainer.iteration == per_epoch + batch_in_epoch
+    assert trainer.derived["lr"] == pytest.approx(trainer.cfg.optim.lr * new_batch / 256)
+    seen, real_step = [], trainer.train_step
+
+    def step(batch, it, epoch):
+        out = real_step(batch, it, epoch)  # which sets the step's lr
+        seen.append((it, trainer.optimizer.param_groups[0]["lr"], batch["labels"].tolist()))
+        return out
+
+    trainer.train_step = step
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    assert result["status"] == "finished" and result["iteration"] == 3 * per_epoch
+    assert [it for it, _, _ in seen] == list(range(per_epoch + batch_in_epoch, 3 * per_epoch))
+    assert seen[-1][1] == pytest.approx(float(trainer.sched.lr[3 * per_epoch - 1]))
+    # the epoch's order, as the sampler deals it: the resumed batch's images are next
+    sampler = EpochBatchSampler(24, new_batch, seed=trainer.cfg.train.seed)
+    sampler.set_epoch(1, batch_in_epoch)
+    targets = build_dataset(trainer.cfg).targets  # synthetic: i % 10
+    first = [int(targets[i]) for i, _ in next(iter(sampler))]
+    assert seen[0][2] == first
+    said = [r.getMessage() for r in caplog.records if "another epoch length" in r.getMessage()]
+    assert len(said) == (new_batch != 8)
+
+
+def test_an_older_checkpoint_at_another_batch_restarts_its_epoch(tmp_path):
+    """A checkpoint without its global batch (before 2026-11-23) whose iteration does not
+    fit this run's epoch length: the epoch restarts, at the iteration that fits it."""
+    run(tiny_config(tmp_path, "train.stop_at_iter=4"))
+    ckpt = checkpoint.load(tmp_path / "checkpoint.pth")
+    del ckpt["global_batch"]
+    checkpoint.save(tmp_path / "checkpoint.pth", ckpt)
+    same = Trainer(tiny_config(tmp_path), resume="auto")  # iteration 4 = 1 x 3 + 1: kept
+    same.close()
+    assert (same.epoch, same.batch_in_epoch, same.iteration) == (1, 1, 4)
+    other = Trainer(tiny_config(tmp_path, "train.batch_size=4"), resume="auto")
+    other.close()
+    assert (other.epoch, other.batch_in_epoch, other.iteration) == (1, 0, 6)
 
 
 def test_non_finite_loss_is_skipped_then_aborts(tmp_path, monkeypatch):
@@ -452,7 +509,7 @@ def test_compiled_step_matches_eager_and_its_checkpoint_resumes_eager(tmp_path, 
     assert grads_c.keys() == grads_e.keys() and len(grads_e) > 10
     for name, g in grads_e.items():
         assert (grads_c[name] - g).norm() <= 1e-4 * g.norm() + 1e-12, name
-    compiled.iteration = 1
+    compiled.iteration = compiled.batch_in_epoch = 1
     compiled.save()
     state = torch.load(tmp_path / "True" / "checkpoint.pth", weights_only=False)
     assert not any("_orig_mod" in k for k in state["student"])
