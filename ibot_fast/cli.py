@@ -14,6 +14,7 @@
 Errors a user can cause print one line (`ibot-fast: error: ...`) and exit with status 2.
 """
 import argparse
+import shlex
 import sys
 import time
 
@@ -67,7 +68,7 @@ def cmd_demo(argv):
         trainer.close()
     if result["status"] in ("preempted", "requeued"):  # a signal: saved, not finished
         if dist.is_main():
-            again = " ".join(["--output-dir", args.output_dir, *args.overrides])
+            again = shlex.join(["--output-dir", args.output_dir, *args.overrides])
             print(f"\ndemo training {result['status']} at epoch {result['epoch']}: go on "
                   f"with `ibot-fast train --preset demo {again} --resume`, then "
                   f"`ibot-fast knn --checkpoint {args.output_dir}/checkpoint.pth`")

@@ -630,6 +630,9 @@ class Trainer:
         self._restore_position(ckpt, path)
         rng = ckpt["rng"]
         checkpoint.set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
+        if self.rank >= len(rng):  # more processes than saved states: not rank 0's streams
+            seed = self.cfg.train.seed + 1_000_003 * self.rank + self.iteration
+            torch.manual_seed(seed)  # (CUDA's generators too)
         counters = ckpt.get("counters", {})
         self.nonfinite_total.fill_(counters.get("nonfinite_total", 0))
         self.nonfinite_run.fill_(counters.get("nonfinite_run", 0))
@@ -644,26 +647,28 @@ class Trainer:
         (the schedules are per iteration, epochs x this run's batches per epoch long),
         and the lr follows this run's global batch. Mid-epoch, the run goes on at the
         same place in the epoch's image order (the permutation does not depend on the
-        batch), rounded down to a whole batch of the new size: at most one new global
-        batch of images is seen twice in that epoch."""
+        batch; with another dataset size, the same offset), rounded down to a whole
+        batch of the new size, and never past the epoch's last batch: at most one new
+        global batch of images is seen twice in that epoch."""
         self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
         self.iteration = ckpt["iteration"]
         batch, per_epoch = self.derived["global_batch"], self.iters_per_epoch
-        saved = ckpt.get("global_batch")  # absent from checkpoints before 2026-11-23
-        if self.iteration != self.epoch * per_epoch + self.batch_in_epoch or \
-                saved not in (None, batch):
-            images = self.batch_in_epoch * saved if saved else 0
-            self.batch_in_epoch = min(images // batch, per_epoch)
+        # absent before 2026-11-23: the batch per process times the processes (RNG states)
+        saved = ckpt.get("global_batch") or \
+            ckpt["config"]["train"]["batch_size"] * len(ckpt.get("rng") or [None])
+        if self.iteration != self.epoch * per_epoch + self.batch_in_epoch or saved != batch:
+            images = self.batch_in_epoch * saved
+            # never past the epoch's last batch: its end (checkpoint, k-NN) must still run
+            self.batch_in_epoch = min(images // batch, per_epoch - 1)
             self.iteration = self.epoch * per_epoch + self.batch_in_epoch
-            where = f"image {images} of its order" if saved else "its start (the " \
-                "checkpoint does not say its batch)"
             log.warning(
-                "resuming %s with another epoch length: %d batches of %d images (%d "
-                "process(es) x %d), trained at %s: the lr is scaled to this batch (%.3g) and "
-                "the run goes on at epoch %d, %s, iteration %d of %d (the checkpoint's "
-                "was %d)", path, per_epoch, batch, self.world_size, self.cfg.train.batch_size,
-                f"batches of {saved}" if saved else "another", self.derived["lr"],
-                self.epoch, where, self.iteration, len(self.sched.lr), ckpt["iteration"])
+                "resuming %s at another global batch or epoch length: %d batches of %d images (%d "
+                "process(es) x %d), trained at batches of %d: the lr is scaled to this "
+                "batch (%.3g) and the run goes on at epoch %d, image %d of its order (batch "
+                "%d), iteration %d of %d (the checkpoint's was %d)", path, per_epoch, batch,
+                self.world_size, self.cfg.train.batch_size, saved, self.derived["lr"],
+                self.epoch, images, self.batch_in_epoch, self.iteration, len(self.sched.lr),
+                ckpt["iteration"])
         if self.batch_in_epoch >= per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self.iteration = self.epoch * per_epoch

@@ -180,8 +180,12 @@ WORKER = textwrap.dedent("""
     f, y = extract_features(backbone, source, 32, device, 2, True, batch_size=8)
     features.GATHER_PIECE_BYTES = 1  # one row per all-gather: the pieces' bookkeeping
     f1, y1 = extract_features(backbone, source, 32, device, 2, True, batch_size=8)
-    features.GATHER_PIECE_BYTES = 2000  # 3 of rank 0's 23 rows per piece (576 B each)
+    features.GATHER_PIECE_BYTES = 3 * 1536 * 2  # 3 rows a piece (3 x 128 fp32), 2 ranks
     f2, y2 = extract_features(backbone, source, 32, device, 2, True, batch_size=8)
+    # a process whose shard is all unreadable makes as many all-gathers as the other
+    empty = features._all_gather_rows(torch.arange(0 if rank else 10), [torch.randn(
+        0 if rank else 10, 384)], device)
+    assert torch.equal(empty[0], torch.arange(10)) and empty[1][0].shape == (10, 384)
     own, own_y = extract_features(backbone, source, 32, device, 2, True, batch_size=8,
                                   gather=False)
     names = [dist.store_gather(f"r{rank}-{i}") for i in range(2)]  # the shared-GPU check's

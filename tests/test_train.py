@@ -157,23 +157,32 @@ def test_a_resume_at_another_global_batch_goes_on_from_the_epoch(tmp_path, caplo
     targets = build_dataset(trainer.cfg).targets  # synthetic: i % 10
     first = [int(targets[i]) for i, _ in next(iter(sampler))]
     assert seen[0][2] == first
-    said = [r.getMessage() for r in caplog.records if "another epoch length" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "another global batch" in r.getMessage()]
     assert len(said) == (new_batch != 8)
 
 
-def test_an_older_checkpoint_at_another_batch_restarts_its_epoch(tmp_path):
-    """A checkpoint without its global batch (before 2026-11-23) whose iteration does not
-    fit this run's epoch length: the epoch restarts, at the iteration that fits it."""
-    run(tiny_config(tmp_path, "train.stop_at_iter=4"))
+def test_an_older_checkpoint_or_a_larger_batch_at_the_epochs_end(tmp_path):
+    """A checkpoint without its global batch (before 2026-11-23) has it from its config
+    and RNG states; a position rounded down to the epoch's end stops at its last batch,
+    so the epoch's end (checkpoint, k-NN) still runs, even on the last epoch."""
+    run(tiny_config(tmp_path, "train.stop_at_iter=8"))  # epoch 2 (the last), batch 2 of 3
     ckpt = checkpoint.load(tmp_path / "checkpoint.pth")
     del ckpt["global_batch"]
     checkpoint.save(tmp_path / "checkpoint.pth", ckpt)
-    same = Trainer(tiny_config(tmp_path), resume="auto")  # iteration 4 = 1 x 3 + 1: kept
-    same.close()
-    assert (same.epoch, same.batch_in_epoch, same.iteration) == (1, 1, 4)
     other = Trainer(tiny_config(tmp_path, "train.batch_size=4"), resume="auto")
     other.close()
-    assert (other.epoch, other.batch_in_epoch, other.iteration) == (1, 0, 6)
+    assert (other.epoch, other.batch_in_epoch, other.iteration) == (2, 4, 16)  # image 16
+    larger = Trainer(tiny_config(tmp_path, "train.batch_size=16"), resume="auto")
+    assert (larger.epoch, larger.batch_in_epoch, larger.iteration) == (2, 0, 2)  # of 1
+    saved = []
+    larger.save = lambda also=None, real=larger.save: (saved.append(larger.iteration),
+                                                        real(also))
+    try:
+        result = larger.run()
+    finally:
+        larger.close()
+    assert result["status"] == "finished" and saved == [3]
+    assert checkpoint.load(tmp_path / "checkpoint.pth")["epoch"] == 3
 
 
 def test_non_finite_loss_is_skipped_then_aborts(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ matrix beside it); with `gather=False` each process keeps its own shard (the k-N
 training features: each process searches its shard, knn.py merges the candidates).
 """
 import logging
+import math
 
 import torch
 from PIL import Image
@@ -104,7 +105,7 @@ def _gather_pieces(t, counts, device, write) -> None:
     GATHER_PIECE_BYTES on the device; write(r, first, rows) receives each process's
     valid rows of each piece, on the CPU."""
     world = len(counts)
-    row_bytes = max(1, t[0:1].numel() * t.element_size())
+    row_bytes = max(1, math.prod(t.shape[1:]) * t.element_size())  # an empty shard too
     step = max(1, GATHER_PIECE_BYTES // (row_bytes * world))
     for first in range(0, max(counts), step):
         n = min(step, max(counts) - first)

@@ -53,10 +53,12 @@ def _nearest(train_features, train_labels, test_features, k: int, device, chunk:
     return best, best_labels
 
 
-def _merge_shards(best, best_labels, k: int, rows: int = 8192):
+def _merge_shards(best, best_labels, k: int, budget: int = 1 << 28):
     """Each process's top k (of its training shard) -> the top k over all shards, on
-    every process; all-gathered `rows` test rows at a time."""
+    every process; all-gathered a slice of test rows at a time, the slice sized so that
+    the gathered candidates take about `budget` bytes whatever the process count."""
     world = dist.world_size()
+    rows = max(1, budget // (world * k * 12 * 2))  # fp32 + int64, gathered then concatenated
     for row in range(0, best.shape[0], rows):
         sims = [torch.empty_like(best[row:row + rows]) for _ in range(world)]
         labels = [torch.empty_like(best_labels[row:row + rows]) for _ in range(world)]
