@@ -233,6 +233,7 @@ def configs(args):
                           f"optim.fuse_ema={args.fuse_ema}", f"optim.clip_mode={args.clip_mode}",
                           f"model.attention={args.attention}",
                           f"model.efficient_drop_path={args.efficient_drop_path}",
+                          f"model.layernorm_fp32={args.layernorm_fp32}",
                           f"model.activation_checkpointing={args.checkpointing}"]
             else:
                 extra += ["model.attention=math" if args.reference_math else "model.attention=sdpa"]
@@ -261,6 +262,8 @@ def get_args_parser():
     p.add_argument("--clip-mode", default="per_param", choices=("per_param", "global"),
                    help="fast path's gradient clipping (the reference path: per_param)")
     p.add_argument("--efficient-drop-path", default="true")
+    p.add_argument("--layernorm-fp32", default="false",
+                   help="fast path: model.layernorm_fp32 (false: LayerNorms in bf16)")
     p.add_argument("--checkpointing", default="none", choices=CHECKPOINTING,
                    help="fast path: model.activation_checkpointing")
     p.add_argument("--reference-math", action="store_true",

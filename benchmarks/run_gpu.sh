@@ -119,14 +119,15 @@ PY
     for opt in "--efficient-drop-path false" "--pack false" "--fused-last-layer true" \
                "--fuse-ema true" "--clip-mode global" "--fuse-ema true --clip-mode global" \
                "--center2 all" "--checkpointing selective" \
-               "--checkpointing selective_mlp" "--checkpointing full" "--attention varlen"; do
+               "--checkpointing selective_mlp" "--checkpointing full" "--attention varlen" \
+               "--layernorm-fp32 true"; do
       echo "-- $opt" | tee -a "$LOG"
       bench 60 bench_train --models vit_base --impls fast --steps 10 --no-phases $opt \
         --results-name train_variants
     done ;;
   memory) step "peak memory counted op by op vs the allocator's (bench_memory)"
     bench 230 bench_memory --models vit_small,vit_base --batch 8,16 --paths \
-      "reference (math),reference (math) fp32 residual,reference (sdpa),fast,fast selective,fast selective_mlp,fast full" ;;
+      "reference (math),reference (math) fp32 residual,reference (sdpa),fast,fast fp32 layernorm,fast selective,fast selective_mlp,fast full" ;;
   train_data) step "full step fed by DALI (synthetic JPEGs decoded and augmented on the GPU)"
     bench 240 bench_train --impls fast --with-data --pipeline dali --workers 16 --no-phases \
       --results-name train_data ;;

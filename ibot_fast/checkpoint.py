@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import UserError
+from .config import REMOVED_KEYS
 
 # Keys that fix the shapes of the parameters: a checkpoint loads only where they agree.
 ARCH_KEYS = ("model.arch", "model.patch_size", "model.out_dim", "model.patch_out_dim",
@@ -82,7 +83,7 @@ OPERATIONAL = ("train.output_dir", "train.stop_at_iter", "train.device", "train.
                "train.fsdp_shard_size", "model.attention", "model.activation_checkpointing",
                "data.path", "data.num_workers", "data.prefetch", "data.pipeline",
                "data.max_bad_fraction", "eval.knn_every", "eval.batch_size", "eval.knn_k",
-               "eval.knn_temp", "model.init_from")
+               "eval.knn_temp", "eval.precision", "model.init_from")
 
 
 def changed_settings(ckpt: dict, cfg_dict: dict) -> tuple:
@@ -106,8 +107,8 @@ def changed_settings(ckpt: dict, cfg_dict: dict) -> tuple:
                                      isinstance(now, (list, tuple)) and
                                      tuple(before) == tuple(now))
             if key not in ARCH_KEYS and not same:
-                (operational if key in OPERATIONAL else method).append(
-                    f"{key}: {before} -> {now}")
+                plain = key in OPERATIONAL or key in REMOVED_KEYS  # (removed: never read)
+                (operational if plain else method).append(f"{key}: {before} -> {now}")
     return method, operational
 
 

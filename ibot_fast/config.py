@@ -1,9 +1,12 @@
 """Every configuration key, with its default and a one-line comment.
 
-The tree is `Config(model, data, masks, loss, optim, train, eval)`. Defaults follow the
-official iBOT arguments (`main_ibot.py`) where they exist. Paper recipes are small named
-presets (`PRESETS`), applied on top of the defaults; command-line overrides are dotted
-keys applied last:
+The tree is `Config(model, data, masks, loss, optim, train, eval)`. Most defaults follow
+the official iBOT arguments (`main_ibot.py`); those of the head and the crops follow the
+paper's ViT-S/16 recipe instead (shared_head, norm_last_layer false, 10 local crops,
+pred_ratio 0 0.3 with pred_ratio_var 0 0.2, where the official defaults are false, true,
+0 and 0.3 / 0), and precision is bf16 on a GPU (official: fp16 with a gradient scaler).
+Paper recipes are small named presets (`PRESETS`), applied on top of the defaults;
+command-line overrides are dotted keys applied last:
 
     ibot-fast train --preset vit_small_16_paper --data /data/imagenet/train \\
         train.batch_size=64 optim.lr=0.0005 data.n_local=8
@@ -29,6 +32,7 @@ class ModelConfig:
     attention: str = "auto"  # auto | xformers | sdpa | math | varlen (models/attention.py)
     pack_crops: bool = False  # student: global + local crops in one packed pass
     residual_fp32: bool = False  # autocast: fp32 residual stream (official iBOT under AMP)
+    layernorm_fp32: bool = True  # autocast: LayerNorm in fp32 (CUDA's); false: in bf16/fp16
     activation_checkpointing: str = "none"  # none|selective|selective_mlp|full (models/vit.py)
     out_dim: int = 8192  # K: prototypes of the CLS head (last_layer)
     patch_out_dim: int = 8192  # K2: prototypes of the patch head (last_layer2)
@@ -67,7 +71,6 @@ class MaskConfig:
     pred_start_epoch: int = 0  # no masking before this epoch
     pred_shape: str = "block"  # block (BEiT's blocks) | rand (uniform patches), official flag
     pred_aspect: float = 0.3  # block aspect ratio is log-uniform in (a, 1/a)
-    max_masked_fraction: float = 0.5  # iid sampler: masked-token buffer bound (see masking.py)
 
 
 @dataclass
@@ -130,6 +133,7 @@ class EvalConfig:
     knn_temp: float = 0.07  # vote weight exp(sim / T)
     knn_every: int = 0  # k-NN on the held-out split every N epochs during training; 0 = off
     batch_size: int = 256  # feature extraction batch
+    precision: str = "fp32"  # feature extraction: fp32 (official) | bf16 (autocast: faster)
 
 
 @dataclass
@@ -297,6 +301,7 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.parallel": ("ddp", "fsdp"),
+    "eval.precision": ("fp32", "bf16"),
 }
 
 
@@ -358,11 +363,21 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Keys that earlier versions had and wrote into their checkpoints: skipped when a
+# checkpoint's config is read, so that its weights still load.
+REMOVED_KEYS = frozenset({
+    "masks.max_masked_fraction",  # never read: the i.i.d. buffer bound is masking.buffer_rows
+})
+
+
 def from_dict(d: dict) -> Config:
-    """Rebuild a Config from `to_dict` output (e.g. a checkpoint); unknown keys are errors."""
+    """Rebuild a Config from `to_dict` output (e.g. a checkpoint); unknown keys are errors,
+    but for those an earlier version had (`REMOVED_KEYS`)."""
     cfg = Config()
     for section, values in d.items():
         for name, value in values.items():
+            if f"{section}.{name}" in REMOVED_KEYS:
+                continue
             set_key(cfg, f"{section}.{name}", tuple(value) if isinstance(value, list) else value)
     return cfg
 

@@ -320,11 +320,13 @@ class Trainer:
             self.clip_and_step(loss, frozen, momentum)
 
     def clip_and_step(self, loss: torch.Tensor, frozen: bool, momentum: float) -> None:
-        if frozen:
-            cancel_last_layer_grads(self.last_layer)
+        """In the official order: unscale, clip (the frozen last layer's gradients count
+        in a global norm), drop the frozen last layer's gradients, step."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self.grad_norm = self.clip_gradients()
+        if frozen:
+            cancel_last_layer_grads(self.last_layer)
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
         if self.world_size > 1:  # every process skips if any process's loss is bad (one
             # scalar on the device, no host sync; the norm alone agrees only when clipping)
@@ -662,10 +664,10 @@ class Trainer:
             self.batch_in_epoch = min(images // batch, per_epoch - 1)
             self.iteration = self.epoch * per_epoch + self.batch_in_epoch
             log.warning(
-                "resuming %s at another global batch or epoch length: %d batches of %d images (%d "
-                "process(es) x %d), trained at batches of %d: the lr is scaled to this "
-                "batch (%.3g) and the run goes on at epoch %d, image %d of its order (batch "
-                "%d), iteration %d of %d (the checkpoint's was %d)", path, per_epoch, batch,
+                "resuming %s at another global batch or epoch length: %d batches of %d "
+                "images (%d process(es) x %d), trained at batches of %d: the lr is scaled to "
+                "this batch (%.3g) and the run goes on at epoch %d, image %d of its order "
+                "(batch %d), iteration %d of %d (the checkpoint's was %d)", path, per_epoch, batch,
                 self.world_size, self.cfg.train.batch_size, saved, self.derived["lr"],
                 self.epoch, images, self.batch_in_epoch, self.iteration, len(self.sched.lr),
                 ckpt["iteration"])

@@ -172,6 +172,45 @@ def test_live_bytes_counts_storages_once_and_sees_the_backward():
     assert elsewhere.peak == 0
 
 
+def test_cuda_autocast_policy_replays_cudas_fp32_ops_on_the_cpu():
+    """Inside a CPU autocast region CudaAutocastPolicy gives CUDA autocast's dtypes:
+    LayerNorm, softmax, log_softmax, sums, norms, exp in fp32 on bf16 inputs (values as
+    fp32 ops on the bf16 input), matmuls still bf16, an explicit dtype respected; the
+    LayerNorm keeps its fp32 input copy for the backward (counted); outside autocast,
+    nothing changes."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.bench_memory import LiveBytes
+    from benchmarks.cuda_autocast import CudaAutocastPolicy
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, requires_grad=True)
+    lin, ln = torch.nn.Linear(32, 32), torch.nn.LayerNorm(32)
+    peaks = {}
+    for policy in (False, True):
+        with LiveBytes() as live:
+            with torch.autocast("cpu", dtype=torch.bfloat16), \
+                    (CudaAutocastPolicy() if policy else torch.autocast("cpu")):
+                h = lin(x)
+                y, p, lp = ln(h), h.softmax(-1), F.log_softmax(h, dim=-1)
+                s, n, e = h.sum(), F.normalize(h, dim=-1), h.exp()
+                asked = h.softmax(-1, dtype=torch.bfloat16)
+                out = lin(y)
+            out.float().sum().backward()
+        peaks[policy] = live.peak
+        want = torch.float32 if policy else torch.bfloat16
+        assert h.dtype == out.dtype == asked.dtype == torch.bfloat16
+        assert {t.dtype for t in (y, p, lp, s, n, e)} == {want}
+    hf = h.detach().float()
+    torch.testing.assert_close(y, F.layer_norm(hf, (32,), ln.weight, ln.bias, ln.eps))
+    torch.testing.assert_close(p, hf.softmax(-1))
+    torch.testing.assert_close(n, F.normalize(hf, dim=-1), rtol=1e-2, atol=1e-2)
+    assert peaks[True] > peaks[False]
+    with CudaAutocastPolicy():  # no autocast: the op's own dtype
+        assert ln(h.detach()).dtype == torch.bfloat16 and h.softmax(-1).dtype == torch.bfloat16
+
+
 def test_bench_memory_smoke_orders_the_paths(results):
     from benchmarks import bench_memory
 
@@ -184,7 +223,13 @@ def test_bench_memory_smoke_orders_the_paths(results):
     assert per_img["fast full"] < per_img["fast selective_mlp"] < per_img["fast selective"] \
         < per_img["fast"]
     assert per_img["fast"] < per_img["reference (math)"]
-    # an fp32 residual stream keeps more (bf16 autocast)
-    assert per_img["fast fp32 residual"] > per_img["fast"]
-    assert per_img["reference (math) fp32 residual"] > per_img["reference (math)"]
+    # CUDA's autocast policy (replayed on the CPU, the default there): its fp32
+    # LayerNorm keeps an fp32 copy of each LayerNorm input, more than the fast rows' bf16
+    # LayerNorms; an fp32 residual stream keeps those same fp32 inputs, nothing more
+    assert {r["autocast_policy"] for r in rows.values()} == {"cuda"}
+    assert per_img["fast fp32 layernorm"] > 1.05 * per_img["fast"]
+    assert per_img["fast fp32 residual"] == pytest.approx(per_img["fast fp32 layernorm"],
+                                                          rel=1e-3)
+    assert per_img["reference (math) fp32 residual"] == pytest.approx(
+        per_img["reference (math)"], rel=1e-3)
     assert rows["fast"]["persistent_mib"] > 0

@@ -109,4 +109,11 @@ def test_round_trip_through_dict():
     cfg = build_config("demo", ["optim.lr=0.003"])
     again = from_dict(json.loads(json.dumps(to_dict(cfg))))
     assert again == cfg
+    # a checkpoint of an earlier version: keys since removed are skipped, others are errors
+    saved = to_dict(cfg)
+    saved["masks"]["max_masked_fraction"] = 0.5
+    assert from_dict(saved) == cfg
+    saved["masks"]["no_such_key"] = 1
+    with pytest.raises(UserError, match="masks.no_such_key"):
+        from_dict(saved)
     assert len(all_keys()) == len(set(all_keys())) > 60

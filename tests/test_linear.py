@@ -97,6 +97,11 @@ def test_feature_spec_follows_the_official_protocol():
     # so the k-NN printed beside the probe (normalised last CLS) is the k-NN's own feature
     knn_f, _ = knn_extract_features(backbone, source, 32, torch.device("cpu"))
     torch.testing.assert_close(F.normalize(f4[:, 3 * 128:], dim=-1), knn_f)
+    # eval.precision=bf16: the same features under bf16 autocast (fp32 above: official)
+    low, _ = extract_features(backbone, source, 32, torch.device("cpu"), 1, True,
+                              precision="bf16")
+    assert not torch.equal(low, f1p)
+    torch.testing.assert_close(low, f1p, rtol=0.05, atol=0.05)
 
 
 def test_linear_probe_beats_random_init_knn_on_digits(capsys):

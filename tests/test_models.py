@@ -158,3 +158,90 @@ def test_residual_fp32_keeps_the_stream_closer_to_fp64():
     assert errors[True][1] <= errors[False][1], errors
     student, teacher = build_student_teacher(build_config("demo", ["model.residual_fp32=true"]))
     assert student.backbone.residual_fp32 and teacher.backbone.residual_fp32
+
+
+def test_layernorm_in_the_compute_dtype_skips_the_fp32_round_trip():
+    """model.layernorm_fp32=false: under autocast (CUDA's fp32 policy, replayed on the
+    CPU) a bf16 input gives a bf16 output, computed by F.layer_norm on the bf16 input with
+    bf16 weight and bias (values and every gradient), where the default gives autocast's
+    fp32 LayerNorm of the same input. Outside autocast, or on an fp32 input
+    (residual_fp32), it is nn.LayerNorm."""
+    from benchmarks.cuda_autocast import CudaAutocastPolicy
+    from ibot_fast.models.vit import LayerNorm
+
+    torch.manual_seed(0)
+    x = (3 * torch.randn(37, 64) + 1).bfloat16().requires_grad_()
+    dy = torch.randn(37, 64).bfloat16()
+    norms = {fp32: LayerNorm(64, fp32=fp32) for fp32 in (True, False)}
+    with torch.no_grad():
+        for ln in norms.values():  # the same, non-trivial affine parameters
+            ln.weight.copy_(1 + 0.3 * torch.randn(64, generator=torch.Generator().manual_seed(1)))
+            ln.bias.copy_(0.3 * torch.randn(64, generator=torch.Generator().manual_seed(2)))
+    with torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocastPolicy():
+        outs = {fp32: ln(x) for fp32, ln in norms.items()}
+    assert outs[True].dtype == torch.float32 and outs[False].dtype == torch.bfloat16
+    ln = norms[True]
+    torch.testing.assert_close(outs[True], torch.nn.functional.layer_norm(
+        x.float(), (64,), ln.weight, ln.bias, 1e-6))
+    w, b = (p.detach().bfloat16().requires_grad_() for p in (ln.weight, ln.bias))
+    x2 = x.detach().requires_grad_()
+    expected = torch.nn.functional.layer_norm(x2, (64,), w, b, 1e-6)
+    assert torch.equal(outs[False], expected)
+    got = torch.autograd.grad(outs[False], (x, norms[False].weight, norms[False].bias), dy)
+    want = torch.autograd.grad(expected, (x2, w, b), dy)
+    assert got[1].dtype == got[2].dtype == torch.float32  # the fp32 parameters' gradients
+    for g, e in zip(got, want):
+        assert torch.equal(g, e.to(g.dtype))
+    # no autocast, or an fp32 input (residual_fp32): the plain nn.LayerNorm
+    plain = torch.nn.LayerNorm(64, eps=1e-6)
+    plain.load_state_dict(norms[False].state_dict())
+    x32 = torch.randn(5, 64)
+    assert torch.equal(norms[False](x32), plain(x32))
+    with torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocastPolicy():
+        y = norms[False](x32)
+    assert y.dtype == torch.float32 and torch.equal(y, plain(x32))
+
+
+def test_layernorm_fp32_key_reaches_every_layernorm():
+    for value in (True, False):
+        cfg = build_config("demo", [f"model.layernorm_fp32={str(value).lower()}"])
+        student, teacher = build_student_teacher(cfg)
+        norms = [m for net in (student, teacher) for m in net.modules()
+                 if isinstance(m, torch.nn.LayerNorm)]
+        assert len(norms) == 2 * (2 * 4 + 1)  # 2 per block, the final one; both networks
+        assert {m.fp32 for m in norms} == {value}
+
+
+@pytest.mark.gpu
+def test_layernorm_in_bf16_is_as_accurate_as_autocast_on_the_gpu():
+    """On CUDA: ViT-S blocks with bf16 LayerNorms against fp64, output and gradients (the
+    input, a LayerNorm weight, a linear weight) within 2x of autocast's fp32 LayerNorm's
+    error (flash-attention's rule), plus bf16's rounding of one value."""
+    torch.manual_seed(0)
+    truth_model = vit("vit_small", 64, 16).double().cuda()
+    with torch.no_grad():
+        for m in truth_model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.add_(0.2 * torch.randn_like(m.weight))
+                m.bias.add_(0.2 * torch.randn_like(m.bias))
+    x = torch.randn(16, 3, 64, 64, dtype=torch.float64, device="cuda")
+    w = torch.randn(384, dtype=torch.float64, device="cuda")
+
+    def picks(model):
+        return [model.blocks[3].norm1.weight, model.blocks[3].norm2.bias,
+                model.blocks[5].mlp.fc1.weight, model.pos_embed]
+
+    truth = truth_model(x)
+    truth_grads = torch.autograd.grad((truth * w).sum(), picks(truth_model))
+    errors = {}
+    for fp32 in (True, False):
+        model = vit("vit_small", 64, 16, layernorm_fp32=fp32).cuda()
+        model.load_state_dict(truth_model.state_dict())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x.float())
+        grads = torch.autograd.grad((out.double() * w).sum(), picks(model))
+        errors[fp32] = [float((a.double() - b).norm() / b.norm())
+                        for a, b in zip((out, *grads), (truth, *truth_grads))]
+    print("relative errors vs fp64 (fp32 LayerNorm, bf16 LayerNorm):", errors)
+    for bf16_error, fp32_error in zip(errors[False], errors[True]):
+        assert bf16_error <= 2 * fp32_error + 2 ** -9, errors

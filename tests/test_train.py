@@ -68,6 +68,33 @@ def test_last_layer_frozen_during_first_epoch(tmp_path):
                            trainer.student_module.head.last_layer.weight_v)
 
 
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_global_clipping_counts_the_frozen_last_layer(tmp_path, impl):
+    """The official order: clip, then drop the frozen last layer's gradients, so a global
+    norm (and the logged grad_norm) includes them."""
+    trainer = Trainer(tiny_config(tmp_path, "optim.clip_mode=global", "optim.clip_grad=1e-4",
+                                  "optim.freeze_last_layer=1", impl=impl))
+    seen = {}
+    clip_and_step = trainer.clip_and_step
+
+    def spy(loss, frozen, momentum):
+        seen["norm"] = torch.linalg.vector_norm(torch.stack(
+            [p.grad.float().norm() for p in trainer.student_params if p.grad is not None]))
+        seen["last_layer"] = [p.grad.float().norm() for p in trainer.last_layer]
+        clip_and_step(loss, frozen, momentum)
+
+    trainer.clip_and_step = spy
+    before = params(trainer.student_module)
+    trainer.loader.set_epoch(0)
+    trainer.train_step(next(iter(trainer.loader)), 1, 0)
+    without = (seen["norm"] ** 2 - sum(n ** 2 for n in seen["last_layer"])).sqrt()
+    assert seen["norm"] - without > 2e-5 * seen["norm"]  # the check below can tell them apart
+    torch.testing.assert_close(trainer.grad_norm, seen["norm"], rtol=1e-5, atol=0)
+    after = params(trainer.student_module)
+    for name in before:
+        assert torch.equal(before[name], after[name]) == ("last_layer" in name), name
+
+
 def run(cfg, resume=None):
     trainer = Trainer(cfg, resume)
     result = trainer.run()
@@ -301,7 +328,8 @@ def test_changed_settings_lists_new_changed_and_gone_keys_but_not_the_architectu
     saved = {"config": {"optim": {"clip_mode": "global", "lr": 5e-4, "old_knob": 1},
                         "data": {"global_scale": [0.25, 1.0], "path": "/a"},
                         "train": {"compile": False, "precision": "bf16"},
-                        "model": {"arch": "vit_small"}}}
+                        "model": {"arch": "vit_small"},
+                        "masks": {"max_masked_fraction": 0.5}}}  # removed: never read
     now = {"optim": {"clip_mode": "per_param", "lr": 5e-4},
            "data": {"global_scale": (0.25, 1.0), "path": "/b"},
            "train": {"compile": True, "precision": "fp16"},
@@ -309,7 +337,8 @@ def test_changed_settings_lists_new_changed_and_gone_keys_but_not_the_architectu
     assert checkpoint.changed_settings(saved, now) == (
         ["optim.clip_mode: global -> per_param", "optim.old_knob: 1 -> (no such key now)",
          "train.precision: bf16 -> fp16", "masks.pred_shape: (not saved) -> block"],
-        ["data.path: /a -> /b", "train.compile: False -> True"])
+        ["data.path: /a -> /b", "train.compile: False -> True",
+         "masks.max_masked_fraction: 0.5 -> (no such key now)"])
 
 
 def test_stop_at_iter_on_an_epochs_last_batch_does_the_epochs_end(tmp_path):

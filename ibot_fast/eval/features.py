@@ -88,13 +88,10 @@ def _collate(items):
 GATHER_PIECE_BYTES = 1 << 26  # device memory per all-gather piece, all processes' rows
 
 
-def _check_same_source(length: int, device) -> None:
+def _check_same_source(length: int) -> None:
     """Every process must read the same image list: a folder that differs between
     nodes would silently score a mixture."""
-    lengths = [torch.zeros(1, dtype=torch.int64, device=device)
-               for _ in range(dist.world_size())]
-    torch.distributed.all_gather(lengths, torch.tensor([length], device=device))
-    lengths = [int(n) for n in lengths]
+    lengths = dist.all_gather_object(length)
     if len(set(lengths)) > 1:
         raise UserError(f"the evaluation dataset differs between processes ({lengths} images "
                         "on ranks 0..): every node must see the same files")
@@ -154,16 +151,19 @@ def _all_gather_rows(order, tensors, device):
 @torch.no_grad()
 def extract_features(backbone, source, size: int, device, n_blocks: int = 4,
                      avgpool: bool = False, batch_size: int = 256, num_workers: int = 0,
-                     gather: bool = True):
+                     gather: bool = True, precision: str = "fp32"):
     """Frozen features [n, (n_blocks + avgpool) * dim] (fp32, CPU) and labels [n], in the
-    source's order, unreadable images left out.
+    source's order, unreadable images left out. precision: the backbone's forward in
+    fp32 (the official evaluation) or under bf16 autocast (`eval.precision`).
 
     Under torch.distributed process r extracts images r, r + world, ...; with gather=True
     every process returns all of them, with gather=False its own shard only.
     """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={precision!r} is not fp32 or bf16")
     backbone.eval()
     if dist.is_initialized():
-        _check_same_source(len(source), device)
+        _check_same_source(len(source))
     indices = list(range(dist.rank(), len(source), dist.world_size()))
     from ..data import _ignore_signals  # pre-emption mid-evaluation must not kill them
 
@@ -180,7 +180,7 @@ def extract_features(backbone, source, size: int, device, n_blocks: int = 4,
         if batch is None:
             continue
         x, y, i = batch
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             layers = backbone.get_intermediate_layers(x.to(device, non_blocking=True), n_blocks)
         feats[n:n + len(i)] = pool_features(layers, avgpool).float().cpu()
         labels[n:n + len(i)], order[n:n + len(i)] = y, i

@@ -23,12 +23,12 @@ from .features import extract_features as extract_blocks
 
 
 def extract_features(backbone, source, size: int, device, batch_size: int = 256,
-                     num_workers: int = 0, gather: bool = True):
+                     num_workers: int = 0, gather: bool = True, precision: str = "fp32"):
     """L2-normalised CLS features [n, dim] (fp32, CPU) and labels [n] of a source (the
     last block's CLS after the final norm). Under torch.distributed every process must
     call it; it returns all features (gather=True) or the process's shard."""
     feats, labels = extract_blocks(backbone, source, size, device, 1, False, batch_size,
-                                   num_workers, gather)
+                                   num_workers, gather, precision)
     return F.normalize(feats, dim=-1), labels
 
 
@@ -118,7 +118,8 @@ def knn_eval_backbone(cfg, backbone, device, train_source=None, test_source=None
     test_source = test_source or build_dataset(cfg, "test")
     size = cfg.data.global_size
     was_training = backbone.training
-    kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers)
+    kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                  precision=cfg.eval.precision)
     train_f, train_y = extract_features(backbone, train_source, size, device, gather=False,
                                         **kwargs)
     test_f, test_y = extract_features(backbone, test_source, size, device, **kwargs)

@@ -184,7 +184,7 @@ def linear_eval_backbone(cfg, backbone, device, lrs=DEFAULT_LRS, n_blocks=None,
     test_source = test_source or build_dataset(cfg, "test")
     kwargs = dict(size=cfg.data.global_size, device=device, n_blocks=n_blocks,
                   avgpool=avgpool, batch_size=cfg.eval.batch_size,
-                  num_workers=cfg.data.num_workers)
+                  num_workers=cfg.data.num_workers, precision=cfg.eval.precision)
     train_f, train_y = extract_features(backbone, train_source, **kwargs)
     test_f, test_y = extract_features(backbone, test_source, **kwargs)
     results = linear_probe(train_f, train_y, test_f, test_y, lrs, device=device,

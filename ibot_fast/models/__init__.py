@@ -158,7 +158,7 @@ def build_backbone(cfg, drop_path_rate: float = 0.0, attention_backend: str = "m
     return vit(m.arch, cfg.data.global_size, m.patch_size, drop_path_rate=drop_path_rate,
                attention_backend=attention_backend, efficient_drop_path=m.efficient_drop_path,
                pack_crops=m.pack_crops, activation_checkpointing=m.activation_checkpointing,
-               residual_fp32=m.residual_fp32)
+               residual_fp32=m.residual_fp32, layernorm_fp32=m.layernorm_fp32)
 
 
 def build_head(cfg) -> IBOTHead:

@@ -136,6 +136,39 @@ def run_block(block: nn.Module, x: torch.Tensor, seqs, mode: str) -> torch.Tenso
     return block.add_mlp(*parts, seqs)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (eps 1e-6) that can skip autocast's fp32 round trip (`fp32=False`).
+
+    CUDA's autocast runs LayerNorm in fp32: the bf16 input is cast up (a copy that the
+    LayerNorm keeps for its backward), the output leaves in fp32, and the next linear
+    layer casts it back down; the backward casts its gradient twice more. With
+    `fp32=False`, under autocast, a LayerNorm whose input is already in the autocast
+    dtype reads and writes that dtype: the kernel still accumulates the mean and variance
+    in fp32, and its output is rounded once, to the dtype the next matmul reads anyway.
+    Per token and LayerNorm that saves two casts forward and two backward, and it keeps
+    dim x 2 bytes for the backward instead of dim x 4 (two of a block's ~17 units,
+    models/vit.py's docstring). What changes: weight and bias enter at the autocast
+    dtype's precision (the CUDA kernel wants them in the input's dtype), and their
+    gradients leave the kernel in it, as every linear layer's weight gradient does under
+    autocast. An fp32 input (`residual_fp32`) or no autocast: plain nn.LayerNorm.
+    The CPU's autocast runs LayerNorm in the input's dtype either way."""
+
+    def __init__(self, dim: int, fp32: bool = True):
+        super().__init__(dim, eps=1e-6)
+        self.fp32 = fp32
+
+    def forward(self, x):
+        device = x.device.type
+        if self.fp32 or not torch.is_autocast_enabled(device):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device)
+        if x.dtype != dtype:
+            return super().forward(x)
+        with torch.autocast(device, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(dtype),
+                                self.bias.to(dtype), self.eps)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, dim: int, in_chans: int = 3):
         super().__init__()
@@ -181,11 +214,12 @@ class Block(nn.Module):
     scaled by B / subset (DINOv2's way): the same in expectation, (1 - p) of the work."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 backend: str = "math", efficient_drop_path: bool = False):
+                 backend: str = "math", efficient_drop_path: bool = False,
+                 layernorm_fp32: bool = True):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, layernorm_fp32)
         self.attn = Attention(dim, heads, backend)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim, layernorm_fp32)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
         self.efficient_drop_path = efficient_drop_path
@@ -297,7 +331,8 @@ class VisionTransformer(nn.Module):
                  depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0,
                  drop_path_rate: float = 0.0, attention_backend: str = "math",
                  efficient_drop_path: bool = False, pack_crops: bool = False,
-                 activation_checkpointing: str = "none", residual_fp32: bool = False):
+                 activation_checkpointing: str = "none", residual_fp32: bool = False,
+                 layernorm_fp32: bool = True):
         super().__init__()
         if activation_checkpointing not in CHECKPOINTING:
             raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is "
@@ -317,11 +352,12 @@ class VisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, dim))  # official: `masked_embed`
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio, rates[i], attention_backend, efficient_drop_path)
+            Block(dim, heads, mlp_ratio, rates[i], attention_backend, efficient_drop_path,
+                  layernorm_fp32)
             for i in range(depth))
         self.pack_crops = pack_crops
         self.residual_fp32 = residual_fp32
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = LayerNorm(dim, layernorm_fp32)
         self._init_weights()
 
     def _init_weights(self):
@@ -406,11 +442,12 @@ class VisionTransformer(nn.Module):
 def vit(arch: str, img_size: int, patch_size: int, drop_path_rate: float = 0.0,
         attention_backend: str = "math", efficient_drop_path: bool = False,
         pack_crops: bool = False, activation_checkpointing: str = "none",
-        residual_fp32: bool = False) -> VisionTransformer:
+        residual_fp32: bool = False, layernorm_fp32: bool = True) -> VisionTransformer:
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
     return VisionTransformer(img_size=img_size, patch_size=patch_size,
                              drop_path_rate=drop_path_rate, attention_backend=attention_backend,
                              efficient_drop_path=efficient_drop_path, pack_crops=pack_crops,
                              activation_checkpointing=activation_checkpointing,
-                             residual_fp32=residual_fp32, **ARCHS[arch])
+                             residual_fp32=residual_fp32, layernorm_fp32=layernorm_fp32,
+                             **ARCHS[arch])
