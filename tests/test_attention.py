@@ -220,14 +220,41 @@ def test_attention_backward_assembles_dqkv_with_one_copy(pack, op_counter):
     assert counts.get("cat", 0) == (len(model.blocks) + 1 if pack else 0)
 
 
+def _dropped_rows(branch_grad, seqs):
+    """Per group, the number of sequences whose rows all have an exactly zero gradient
+    through a residual branch; fails unless every sequence is all-zero or all-nonzero."""
+    dropped = []
+    for part in seqs.split((branch_grad == 0).all(-1)):  # [count, length] per group
+        assert (part.all(1) | ~part.any(1)).all(), "drop path must take whole sequences"
+        dropped.append(int(part.all(1).sum()))
+    return dropped
+
+
 def test_efficient_drop_path_packed_runs_and_drops():
+    """Packed sequences, drop path 0.5: each residual branch runs on round(n / 2) whole
+    sequences of each group (2 of 4, 3 of 6) and the others get exactly zero gradient
+    through it; the training output differs from the eval output (no drop path)."""
     torch.manual_seed(0)
-    block = Block(16, 2, drop_path=0.5, efficient_drop_path=True)
+    block = Block(16, 2, drop_path=0.5, efficient_drop_path=True).double()
     seqs = Seqs([(4, 5), (6, 3)])
-    x = torch.randn(seqs.total, 16, requires_grad=True)
-    out = block(x, seqs)
-    out.sum().backward()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(seqs.total, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(seqs.total, 16, dtype=torch.float64, generator=gen)
+    # forward() is add_mlp(*up_to_mlp(...)): split there to read the gradient at x1, the
+    # stream between the attention and MLP residual adds
+    x1, mlp_out, rows, scale = block.up_to_mlp(x, seqs)
+    x1.retain_grad()
+    out = block.add_mlp(x1, mlp_out, rows, scale, seqs)
+    (out * w).sum().backward()
     assert out.shape == x.shape and torch.isfinite(x.grad).all()
+    # x.grad = x1.grad (residual) + the attention branch's; x1.grad = w + the MLP branch's
+    attn_grad, mlp_grad = x.grad - x1.grad, x1.grad - w
+    assert _dropped_rows(attn_grad, seqs) == [2, 3]
+    assert _dropped_rows(mlp_grad, seqs) == [2, 3]
+
+    block.eval()
+    with torch.no_grad():
+        assert (block(x, seqs) - out).abs().max() > 1e-3
 
 
 def test_auto_backend_on_cpu_is_sdpa():

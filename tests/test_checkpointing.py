@@ -167,6 +167,15 @@ def test_compiled_selective_checkpointing_equals_eager():
         assert (b - a).norm() <= 1e-4 * a.norm() + 1e-8
 
 
+# Checkpointed vs plain gradients under bf16 autocast, measured on the CPU: bit for bit
+# when packed (each block runs once) and with full checkpointing; unpacked (the blocks
+# run twice in one autocast region) with selective / selective_mlp, fp32 gradients that
+# went through bf16 differ by at most one bf16 rounding, u = 2^-8 = 3.9e-3 relative
+# (measured: exactly 2^-8 at worst, on ~60% of the elements; the largest ~7e-5 in size,
+# so no absolute term).
+BF16_GRAD_TOL = 4e-3
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pack", [False, True])
 def test_checkpointing_under_bf16_autocast(mode, pack):
@@ -186,8 +195,9 @@ def test_checkpointing_under_bf16_autocast(mode, pack):
     plain_out, plain = run("none")
     out, grads = run(mode)
     torch.testing.assert_close(out, plain_out, rtol=0, atol=0)  # same casts, same ops
-    for a, b in zip(plain, grads):
-        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-5)
+    tol = BF16_GRAD_TOL if not pack and mode != "full" else 0.0
+    for (name, _), a, b in zip(_model("none").named_parameters(), plain, grads):
+        torch.testing.assert_close(b, a, rtol=tol, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -211,8 +221,9 @@ def test_checkpointing_with_fp32_residual_under_bf16(pack):
     assert dtypes and set(dtypes) == {torch.float32}
     out, grads, _ = run("selective_mlp")
     torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
-    for a, b in zip(plain, grads):
-        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-5)
+    tol = 0.0 if pack else BF16_GRAD_TOL
+    for (name, _), a, b in zip(_model("none").named_parameters(), plain, grads):
+        torch.testing.assert_close(b, a, rtol=tol, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("impl,mode,extra", [
@@ -242,9 +253,12 @@ def test_trainer_step_with_checkpointing_in_bf16(tmp_path, impl, mode, extra):
                  if p.grad is not None]
         results.append((float(losses["loss"]), grads))
     (loss_a, grads_a), (loss_b, grads_b) = results
-    assert loss_b == pytest.approx(loss_a, rel=1e-6) and len(grads_a) == len(grads_b) > 10
+    assert loss_b == loss_a and len(grads_a) == len(grads_b) > 10  # the forward: same ops
+    # packed: bit for bit; unpacked: one bf16 rounding (BF16_GRAD_TOL), and each tensor's
+    # clip coefficient, computed from those gradients, moves with them (measured: 4.2e-3)
+    tol = 0.0 if "model.pack_crops=true" in extra else 5e-3
     for a, b in zip(grads_a, grads_b):
-        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-5)
+        torch.testing.assert_close(b, a, rtol=tol, atol=0)
 
 
 def test_selective_policy_keeps_every_attention_kernel_and_matmul():

@@ -158,28 +158,36 @@ def test_matches_torch_adamw_and_twin_over_steps(device):
         {"decay": 5, "no_decay": 5, "last_layer": 3}
 
 
+BETAS = (0.8, 0.99)
+TABLE_ROWS = len(reference.bias_correction_table(*BETAS, torch.device("cpu")))
+
+
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 2047, 5000])
 @pytest.mark.parametrize("device_momentum", [False, True])
-def test_segment_equals_twin(n, grad_dtype, device_momentum, device):
+@pytest.mark.parametrize("step_count", [0, 41, TABLE_ROWS - 2, TABLE_ROWS - 1, 10**6])
+def test_segment_equals_twin(n, grad_dtype, device_momentum, step_count, device):
+    """Steps done so far: 0 (the first update, row 1 of the bias-correction table), 41,
+    the table's last two rows (the update k = step + 1 reads its last row, then clamps to
+    it) and far past the table (10**6: clamped to the last row)."""
     g = torch.Generator().manual_seed(n)
     param, exp_avg, teacher = (torch.randn(n, generator=g).to(device) for _ in range(3))
     exp_avg_sq = torch.rand(n, generator=g).to(device)
     grad = torch.randn(n, generator=g).to(device, grad_dtype)
     momentum = torch.tensor(0.9961, device=device) if device_momentum else 0.9961
-    kwargs = dict(lr=3e-3, weight_decay=0.1, momentum=momentum, beta1=0.8, beta2=0.99,
-                  eps=1e-6, grad_scale=torch.tensor(0.7, device=device))
+    kwargs = dict(lr=3e-3, weight_decay=0.1, momentum=momentum, beta1=BETAS[0],
+                  beta2=BETAS[1], eps=1e-6, grad_scale=torch.tensor(0.7, device=device))
     outs = []
     for impl in (adamw_ema_, reference.adamw_ema_):
         state = [t.clone() for t in (param, exp_avg, exp_avg_sq, teacher)]
-        step = torch.tensor(41, dtype=torch.int32, device=device)
+        step = torch.tensor(step_count, dtype=torch.int32, device=device)
         impl(state[0], grad, state[1], state[2], state[3], step, **kwargs)
         outs.append((state, step))
     (k_state, k_step), (r_state, r_step) = outs
     for a, b, before in zip(k_state, r_state, (param, exp_avg, exp_avg_sq, teacher)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert (a != before).all(), "every element must be written"
-    assert k_step.item() == r_step.item() == 42
+    assert k_step.item() == r_step.item() == step_count + 1
 
 
 def test_found_inf_skips_adamw_but_not_the_ema(device):
@@ -209,10 +217,10 @@ def test_bias_correction_table():
 
 
 def test_rejects_bad_arguments(device):
-    x = torch.zeros(8, device=device)
+    x = torch.randn(8, generator=torch.Generator().manual_seed(0)).to(device)
     with pytest.raises(ValueError, match="float32"):
         adamw_ema_(x.double(), x, x, x, x, torch.tensor(0, device=device), lr=1e-3,
                    weight_decay=0.0, momentum=0.9)
     with pytest.raises(ValueError, match="0-d"):
-        adamw_ema_(x, x, x.clone(), x.clone(), x.clone(), torch.zeros(1, device=device),
+        adamw_ema_(x, x, x.clone(), x.clone(), x.clone(), torch.tensor([3], device=device),
                    lr=1e-3, weight_decay=0.0, momentum=0.9)

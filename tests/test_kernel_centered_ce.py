@@ -75,9 +75,34 @@ def _inputs(rows, K, dtype, device, gen, scale=2.0, weighted=True):
             None if weight is None else weight.to(**to), dloss.to(**to))
 
 
+def _strided(x, extra):
+    """x's values as the column slice [:, :K] of a wider buffer [rows, K + extra] whose
+    other columns hold NaN: any row stride is accepted, and a read past the slice shows."""
+    big = torch.full((x.shape[0], x.shape[1] + extra), float("nan"), dtype=x.dtype,
+                     device=x.device)
+    big[:, :x.shape[1]] = x
+    return big[:, :x.shape[1]]
+
+
+def _layout(student, teacher, layout):
+    """(student, teacher) as given, or row-strided with different row strides."""
+    if layout == "contiguous":
+        return student, teacher
+    assert layout == "strided"
+    return _strided(student, 13), _strided(teacher, 29)
+
+
+def _leaf(x):
+    """A fresh leaf with x's values and row stride (clone() would make a column slice
+    contiguous)."""
+    x = x.detach()
+    leaf = x.clone() if x.is_contiguous() else _strided(x, x.stride(0) - x.shape[1])
+    return leaf.requires_grad_(True)
+
+
 def _run(fn, student, *args, dloss, **kwargs):
     """(outputs, d student) of fn(student, *args) for upstream gradient dloss."""
-    student = student.detach().clone().requires_grad_(True)
+    student = _leaf(student)
     out = fn(student, *args, **kwargs)
     loss = out[0] if isinstance(out, tuple) else out
     (grad,) = torch.autograd.grad(loss, student, dloss.to(loss.dtype))
@@ -107,15 +132,19 @@ def _check_against_twin(student, teacher, center, teacher_temp, weight, dloss, d
 # --------------------------------------------------------------------------------------
 # Logits kernel
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("teacher_temp", [0.04, 0.07])
+@pytest.mark.parametrize("teacher_temp, layout", [
+    (0.04, "contiguous"), (0.07, "contiguous"), (0.07, "strided")])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows", [1, 37])
 @pytest.mark.parametrize("K", [1000, 8192])
-def test_matches_twin(K, rows, dtype, weighted, teacher_temp, device):
+def test_matches_twin(K, rows, dtype, weighted, teacher_temp, layout, device):
+    """Also with row-strided student and teacher (column slices of wider NaN-padded
+    buffers, different row strides), which the kernels read at their row stride."""
     gen = _generator("twin", K, rows, str(dtype), weighted, teacher_temp)
     student, teacher, center, weight, dloss = _inputs(rows, K, dtype, device, gen,
                                                       weighted=weighted)
+    student, teacher = _layout(student, teacher, layout)
     loss, _, grad = _check_against_twin(student, teacher, center, teacher_temp, weight, dloss,
                                         dtype)
     # the loss-only functional is the same computation
@@ -219,15 +248,18 @@ def test_every_output_and_workspace_is_written(poisoned_empty, weighted, device)
     assert torch.isfinite(grad).all()
 
 
-@pytest.mark.parametrize("blocks", [(16, 256, 4), (16, 128, 4), (4, 1024, 8), (2, 64, 1)])
-@pytest.mark.parametrize("K", [1000, 1024])
-def test_every_tiling_matches_twin(blocks, K, device):
+@pytest.mark.parametrize("blocks, rows, K", [
+    *((blocks, 37, K) for blocks in [(16, 256, 4), (16, 128, 4), (4, 1024, 8)]
+      for K in (1000, 1024)),
+    ((2, 64, 1), 9, 200), ((2, 64, 1), 9, 192),  # small tiles: many programs, small shape
+])
+def test_every_tiling_matches_twin(blocks, rows, K, device):
     """The GPU tilings (`_ce_blocks`: 16 x 256 and 16 x 128, 4 warps, forward; 4 x 1024, 8
     warps, backward; the interpreter otherwise uses other tiles) and an odd one give the
-    twin's loss, column sums and gradient, with and without column masks (K = 1000, 1024)
-    and with rows not a multiple of the tile (37)."""
+    twin's loss, column sums and gradient, with and without column masks (K = 1000, 1024;
+    200, 192 for 64-column tiles) and with rows not a multiple of the tile (37; 9)."""
     gen = _generator("tiling", blocks, K)
-    student, teacher, center, weight, dloss = _inputs(37, K, torch.float16, device, gen)
+    student, teacher, center, weight, dloss = _inputs(rows, K, torch.float16, device, gen)
     loss, colsum, lse = kernels.centered_ce_fwd(student, teacher, center, STUDENT_TEMP, 0.05,
                                                 weight, with_colsum=True, blocks=blocks)
     grad = kernels.centered_ce_bwd(student, teacher, center, lse, STUDENT_TEMP, 0.05, weight,
@@ -262,29 +294,47 @@ def test_backward_overwrites_a_given_buffer(device):
     _close(out, grad_r, GRAD_TOL[torch.float16], "d loss / d student")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_inplace_grad_mode(dtype, device):
-    """The forward writes the gradient into the student buffer; values as the twin's."""
-    gen = _generator("inplace", str(dtype))
+def test_inplace_grad_mode(dtype, layout, device):
+    """The forward writes the gradient into the student buffer; loss, column sums and
+    gradient as the twin's. Row-strided: the gradient goes into the column slice at its
+    stride, and the buffer's other columns (NaN) are neither read nor written."""
+    gen = _generator("inplace", str(dtype), layout)
     student, teacher, center, weight, dloss = _inputs(37, 1000, dtype, device, gen)
-    _, grad_r = _run(reference.centered_softmax_ce, student, teacher, center, STUDENT_TEMP,
-                     0.04, weight, dloss=dloss)
-    loss_r = reference.centered_softmax_ce(student, teacher, center, STUDENT_TEMP, 0.04, weight)
-    buffer = student.clone().requires_grad_(True)
-    loss = kernels.centered_softmax_ce(buffer, teacher, center, STUDENT_TEMP, 0.04, weight,
-                                       inplace_grad=True)
+    student, teacher = _layout(student, teacher, layout)
+    (loss_r, colsum_r), grad_r = _run(reference.centered_softmax_ce_and_colsum, student,
+                                      teacher, center, STUDENT_TEMP, 0.04, weight, dloss=dloss)
+    buffer = _leaf(student)
+    assert buffer.stride() == student.stride()
+    loss, colsum = kernels.centered_softmax_ce_and_colsum(buffer, teacher, center,
+                                                          STUDENT_TEMP, 0.04, weight,
+                                                          inplace_grad=True)
     _close(loss, loss_r, LOSS_TOL[dtype], "loss")
+    _close(colsum, colsum_r, LOSS_TOL[dtype], "teacher column sum")
     assert not torch.equal(buffer.detach(), student)  # the logits were overwritten
     loss.backward(dloss)
     _close(buffer.grad, grad_r, GRAD_TOL[dtype], "d loss / d student (in place)")
+    if layout == "strided":
+        whole = buffer.detach().as_strided((37, buffer.stride(0)), buffer.stride())
+        assert whole[:, 1000:].isnan().all(), "columns past the slice must stay untouched"
+        _close(buffer.detach(), grad_r, GRAD_TOL[dtype], "gradient written in the slice")
 
 
 def test_column_sums_are_deterministic(device):
+    """300 rows: several row groups each write partial sums, one torch.sum finishes them
+    (no atomics): bitwise the same on every call, and the twin's sums."""
     gen = _generator("determinism")
     student, teacher, center, weight, _ = _inputs(300, 2048, torch.float32, device, gen)
     first = kernels.centered_softmax_ce_and_colsum(student, teacher, center, 0.1, 0.04, weight)
     second = kernels.centered_softmax_ce_and_colsum(student, teacher, center, 0.1, 0.04, weight)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    loss_r, colsum_r = reference.centered_softmax_ce_and_colsum(student, teacher, center, 0.1,
+                                                                0.04, weight)
+    _close(first[0], loss_r, LOSS_TOL[torch.float32], "loss")
+    _close(first[1], colsum_r, LOSS_TOL[torch.float32], "teacher column sum")
+    kept = teacher.double()[weight != 0]
+    _close(first[1], kept.sum(0), (1e-4, 1e-5), "teacher column sum against fp64")
 
 
 def test_no_gradient_reaches_teacher_or_center(device):
@@ -341,20 +391,23 @@ def _head_inputs(rows, K, D, dtype, device, gen, weighted=True):
     return (feat(), student_v, student_g, feat(), teacher_v, teacher_g, center), weight, dloss
 
 
-def _run_head(fn, tensors, teacher_temp, weight, dloss):
+def _run_head(fn, tensors, teacher_temp, weight, dloss, autocast=None):
+    """(loss, colsum, gradients of the student leaves); the forward under CPU autocast to
+    `autocast` when given (the backward outside it, as in the trainer)."""
     student_feat, student_v, student_g, *teacher = tensors
     leaves = [x.detach().clone().requires_grad_(True)
               for x in (student_feat, student_v, student_g)]
-    loss, colsum = fn(*leaves, *teacher, STUDENT_TEMP, teacher_temp, weight)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        loss, colsum = fn(*leaves, *teacher, STUDENT_TEMP, teacher_temp, weight)
     grads = torch.autograd.grad(loss, leaves, dloss.to(loss.dtype))
     return loss, colsum, grads
 
 
-def _check_head(tensors, teacher_temp, weight, dloss, dtype):
+def _check_head(tensors, teacher_temp, weight, dloss, dtype, autocast=None):
     loss_k, colsum_k, grads_k = _run_head(kernels.fused_head_ce, tensors, teacher_temp, weight,
-                                          dloss)
+                                          dloss, autocast)
     loss_r, colsum_r, grads_r = _run_head(reference.fused_head_ce, tensors, teacher_temp,
-                                          weight, dloss)
+                                          weight, dloss, autocast)
     tol = HEAD_TOL[dtype]
     _close(loss_k, loss_r, tol, "loss")
     _close(colsum_k, colsum_r, tol, "teacher column sum")
@@ -365,18 +418,39 @@ def _check_head(tensors, teacher_temp, weight, dloss, dtype):
     return loss_k, colsum_k, grads_k
 
 
-@pytest.mark.parametrize("K, rows, D, dtype, weighted", [
-    (1000, 37, 256, torch.float32, True),
-    (1000, 70, 64, torch.float32, False),
-    (1000, 37, 48, torch.float16, True),
-    (8192, 9, 256, torch.float32, True),
-    (65536, 2, 16, torch.float32, False),
+@pytest.mark.parametrize("K, rows, D, dtype, weighted, teacher_temp", [
+    (1000, 37, 256, torch.float32, True, 0.04),
+    (1000, 70, 64, torch.float32, False, 0.04),
+    (1000, 70, 64, torch.float32, False, 0.07),  # the second teacher temperature, once
+    (1000, 37, 48, torch.float16, True, 0.04),
+    (8192, 9, 256, torch.float32, True, 0.04),
+    (65536, 2, 16, torch.float32, False, 0.04),
 ])
-@pytest.mark.parametrize("teacher_temp", [0.04, 0.07])
 def test_fused_head_matches_unfused(K, rows, D, dtype, weighted, teacher_temp, device):
     gen = _generator("head", K, rows, D, str(dtype), weighted, teacher_temp)
     tensors, weight, dloss = _head_inputs(rows, K, D, dtype, device, gen, weighted)
     _check_head(tensors, teacher_temp, weight, dloss, dtype)
+
+
+def test_fused_head_under_cpu_bf16_autocast(monkeypatch):
+    """fp32 features and weights under CPU bf16 autocast (the trainer's setting): the fused
+    kernels run their matmuls on bf16 copies (`_matmul_dtype` takes autocast's dtype), the
+    twin's matmuls are autocast to bf16; values and fp32 gradients agree within the bf16
+    table."""
+    seen = []
+    forward = kernels.fused_head_ce_fwd
+
+    def spy(student_feat, student_w, teacher_feat, teacher_w, *args, **kwargs):
+        seen.append({x.dtype for x in (student_feat, student_w, teacher_feat, teacher_w)})
+        return forward(student_feat, student_w, teacher_feat, teacher_w, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "fused_head_ce_fwd", spy)
+    gen = _generator("head autocast")
+    tensors, weight, dloss = _head_inputs(37, 1000, 64, torch.float32, "cpu", gen)
+    _, _, grads = _check_head(tensors, 0.04, weight, dloss, torch.bfloat16,
+                              autocast=torch.bfloat16)
+    assert seen == [{torch.bfloat16}], "the kernels must run on autocast's dtype"
+    assert all(g.dtype == torch.float32 for g in grads)  # the leaves' dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

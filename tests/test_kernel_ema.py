@@ -114,14 +114,14 @@ def test_cpu_dispatch_kernel_under_interpreter_twin_otherwise(monkeypatch):
 
 
 def test_rejects_bad_buffers(device):
-    t = torch.zeros(8, device=device)
+    t, student = _pair(8, torch.float32, 3, device)
     with pytest.raises(ValueError, match="1-D"):
-        ema_(t.view(2, 4), t.view(2, 4).clone(), 0.9)
+        ema_(t.view(2, 4), student.view(2, 4), 0.9)
     with pytest.raises(ValueError, match="size or dtype"):
-        ema_(t, torch.zeros(9, device=device), 0.9)
+        ema_(t, _pair(9, torch.float32, 4, device)[0], 0.9)
     with pytest.raises(ValueError, match="size or dtype"):
-        ema_(t, torch.zeros(8, dtype=torch.float64, device=device), 0.9)
+        ema_(t, student.double(), 0.9)
     with pytest.raises(ValueError, match="contiguous"):
-        ema_(torch.zeros(16, device=device)[::2], t, 0.9)
+        ema_(_pair(16, torch.float32, 5, device)[0][::2], student, 0.9)
     with pytest.raises(ValueError, match="teacher tensors"):
         foreach_ema_([t], [], 0.9)

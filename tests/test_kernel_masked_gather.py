@@ -26,6 +26,31 @@ def _tokens(B, N, D, dtype, device, transposed, generator):
     return torch.randn(B, N, D, generator=generator).to(device, dtype)
 
 
+GRAD_LAYOUTS = ["contiguous", "transposed", "row_strided", "expanded"]
+
+
+def _grad_out(out_rows, D, n, dtype, device, layout, generator):
+    """A random [out_rows, D] output gradient, NaN in the padding rows (their gradient must
+    be ignored), laid out as: contiguous; transposed (strides (1, out_rows)); a column
+    slice of a wider buffer whose other columns are NaN (row stride D + 5); one column
+    expanded over D (strides (1, 0), as autograd hands out for a broadcast product)."""
+    if layout == "expanded":
+        grad = torch.randn(out_rows, 1, generator=generator).to(device, dtype)
+        grad[n:] = float("nan")
+        return grad.expand(out_rows, D)
+    if layout == "transposed":
+        grad = torch.randn(D, out_rows, generator=generator).to(device, dtype).t()
+    else:
+        grad = torch.randn(out_rows, D + 5, generator=generator).to(device, dtype)
+        grad[:, D:] = float("nan")
+        grad = grad if layout == "row_strided" else grad[:, :D].contiguous()
+        grad = grad[:, :D]
+    grad[n:] = float("nan")
+    if D > 1 and out_rows > 1:
+        assert grad.is_contiguous() == (layout == "contiguous")
+    return grad
+
+
 @pytest.mark.parametrize("B,N,D", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fraction", [0.0, 0.13, 1.0])
@@ -43,27 +68,39 @@ def test_forward_and_backward_equal_twin(B, N, D, dtype, fraction, padding, devi
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert not out[n:].any(), "padding rows must be zero"
 
-    grad_out = torch.randn(out_rows, D, generator=g).to(device, dtype)
-    grad_out[n:] = float("nan")  # padding rows' gradient must be ignored
-    grad = gather_masked_bwd(grad_out, index, B, N)
-    torch.testing.assert_close(grad, reference.scatter_masked(grad_out, index, B, N),
-                               rtol=0, atol=0)
+    for layout in GRAD_LAYOUTS:
+        grad_out = _grad_out(out_rows, D, n, dtype, device, layout, g)
+        grad = gather_masked_bwd(grad_out, index, B, N)
+        torch.testing.assert_close(grad, reference.scatter_masked(grad_out, index, B, N),
+                                   rtol=0, atol=0, msg=lambda m: f"{layout} grad_out: {m}")
 
 
 @pytest.mark.parametrize("B,N,D", [(2, 196, 384), (3, 36, 37)])
-def test_autograd_equals_twin(B, N, D, device):
+@pytest.mark.parametrize("loss_kind", ["weighted", "transposed", "broadcast"])
+def test_autograd_equals_twin(B, N, D, loss_kind, device):
+    """Through autograd, also where the output gradient autograd hands the backward is not
+    contiguous: `out * w.t()` (transposed) and `out.sum(0) * w` (expanded over rows)."""
     g = torch.Generator().manual_seed(7)
     n = B * N // 7
     index = _random_index(B, N, n, device, g)
     tokens = torch.randn(B, N, D, generator=g).to(device).requires_grad_()
-    weight = torch.randn(n + 5, D, generator=g).to(device)
+    weight = {"weighted": lambda: torch.randn(n + 5, D, generator=g),
+              "transposed": lambda: torch.randn(D, n + 5, generator=g).t(),
+              "broadcast": lambda: torch.randn(D, generator=g)}[loss_kind]().to(device)
+
+    def loss_of(out):
+        return ((out.sum(0) if loss_kind == "broadcast" else out) * weight).sum()
 
     out = gather_masked(tokens, index, n + 5)
-    (out * weight).sum().backward()
+    layouts = []
+    out.register_hook(lambda grad: layouts.append(grad.stride()))
+    loss_of(out).backward()
     grad, tokens.grad = tokens.grad, None
     out_ref = reference.gather_masked(tokens, index, n + 5)
-    (out_ref * weight).sum().backward()
+    loss_of(out_ref).backward()
 
+    expected_stride = {"weighted": (D, 1), "transposed": (1, n + 5), "broadcast": (0, 1)}
+    assert layouts == [expected_stride[loss_kind]]  # the layout the kernel is handed
     torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
     torch.testing.assert_close(grad, tokens.grad, rtol=0, atol=0)
 
