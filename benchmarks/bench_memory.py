@@ -18,6 +18,13 @@ count, as a check of the count.
     python -m benchmarks.bench_memory --models vit_small --batch 1,2
     python -m benchmarks.bench_memory --smoke        # tiny model, seconds (make test)
 
+The same pass takes a census of the work (`Traffic`): the FLOPs of the matmuls and of
+attention, and the bytes that every other op reads and writes, per image. On a GPU the
+first two are tensor-core time; in an eager step every other op is at least one
+memory-bound kernel, so its bytes over the copy bandwidth are a floor on the time they
+take. It shows, without a GPU, what an option saves in elementwise traffic (such as the
+casts around autocast's fp32 LayerNorm); it is not a timing.
+
 On the CPU the step runs under CUDA autocast's fp32 policy by default
 (`--autocast-policy cuda`, benchmarks/cuda_autocast.py): the CPU's own autocast runs
 LayerNorm and softmax in bf16 where CUDA's runs them in fp32, and counted under its own
@@ -81,6 +88,81 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+_FACTORIES = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+              "zeros", "zeros_like", "new_zeros", "ones", "ones_like", "full", "full_like",
+              "new_full", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "randperm",
+              "arange", "scalar_tensor", "lift_fresh", "lift_fresh_copy"}
+_GATHERS = {"index", "index_select", "gather", "embedding"}
+
+
+def matmul_flops(name: str, args, out) -> float:
+    """FLOPs of a matmul-class aten op (mm, addmm, bmm, baddbmm, convolution), else 0."""
+    if name in ("mm", "addmm", "bmm", "baddbmm"):
+        a, b = args[-2], args[-1]
+        return 2.0 * a.numel() * b.shape[-1]
+    if name == "convolution":
+        return 2.0 * out.numel() * args[1][0].numel()
+    return 0.0
+
+
+def attention_flops(name: str, args) -> float:
+    """FLOPs of an SDPA kernel call (q [.., N, d], k [.., M, d]): 4 N M d per head
+    forward; its backward 2.5 x that (flash recomputes q k^T)."""
+    if "scaled_dot_product" not in name and "attention" not in name:
+        return 0.0
+    q, k = args[0], args[1]
+    forward = 4.0 * q.numel() * k.shape[-2]
+    return 2.5 * forward if name.endswith("_backward") else forward
+
+
+class Traffic(TorchDispatchMode):
+    """What one step asks of a GPU, op by op (every aten op, the backward's included):
+    matmul FLOPs, attention FLOPs, and the bytes every other op reads and writes (its
+    tensor arguments and outputs at their sizes; views move nothing, factories and fills
+    only write, gathers read what they write). In eager mode each such op is at least
+    one memory-bound kernel, so `other_bytes` / bandwidth is a floor on their time;
+    `by_op` splits it by op name."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmul_flops = 0.0
+        self.attention_flops = 0.0
+        self.other_bytes = 0
+        self.by_op = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        flat_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        mm = matmul_flops(name, args, out)
+        attn = attention_flops(name, args)
+        if mm or attn:
+            self.matmul_flops += mm
+            self.attention_flops += attn
+            return out
+        if func.is_view or (not func._schema.is_mutable and flat_out and all(
+                any(o.untyped_storage().data_ptr() == i.untyped_storage().data_ptr()
+                    for i in flat_in) for o in flat_out)):
+            return out  # a view or alias: no data moves
+        written = sum(_nbytes(t) for t in flat_out)
+        if name in _FACTORIES:
+            moved = written
+        elif name in _GATHERS:
+            moved = 2 * written + sum(_nbytes(t) for t in flat_in
+                                      if not t.is_floating_point())
+        else:
+            moved = written + sum(_nbytes(t) for t in flat_in)
+        self.other_bytes += moved
+        self.by_op[name] = self.by_op.get(name, 0) + moved
+        return out
+
+
 def persistent_bytes(trainer) -> int:
     """Bytes of the distinct storages that live across steps."""
     tensors = []
@@ -117,9 +199,15 @@ def measure(cfg, device, cuda_policy: bool = False) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         allocated_before = torch.cuda.memory_allocated(device)
-    with LiveBytes(device) as live, (CudaAutocastPolicy() if cuda_policy else nullcontext()):
+    with LiveBytes(device) as live, Traffic() as traffic, \
+            (CudaAutocastPolicy() if cuda_policy else nullcontext()):
         trainer.train_step(batch, 11, 1)
-    row = {"persistent_mib": base / 2**20, "step_peak_mib": live.peak / 2**20}
+    row = {"persistent_mib": base / 2**20, "step_peak_mib": live.peak / 2**20,
+           "matmul_gflop": traffic.matmul_flops / 1e9,
+           "attention_gflop": traffic.attention_flops / 1e9,
+           "other_gib": traffic.other_bytes / 2**30,
+           "other_gib_by_op": {k: v / 2**30 for k, v in sorted(
+               traffic.by_op.items(), key=lambda kv: -kv[1])[:25]}}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         row["allocator_step_peak_mib"] = \
@@ -194,6 +282,8 @@ def main(argv=None):
                                     device, cuda_policy) for b in args.batch)
             per_img = (large["step_peak_mib"] - small["step_peak_mib"]) / \
                 (args.batch[1] - args.batch[0])
+            per_img_of = {k: (large[k] - small[k]) / (args.batch[1] - args.batch[0])
+                          for k in ("matmul_gflop", "attention_gflop", "other_gib")}
             fixed = large["step_peak_mib"] - per_img * args.batch[1]
             row = {"bench": "memory", "model": model, "path": label, "batch": args.batch,
                    "n_local": args.n_local, "precision": args.precision, "smoke": args.smoke,
@@ -201,7 +291,8 @@ def main(argv=None):
                    "overrides": _overrides(args, model, label, args.batch[1], device),
                    **large, "step_fixed_mib": fixed, "step_mib_per_img": per_img,
                    f"peak_mib_at_{args.scale_to}":
-                       large["persistent_mib"] + fixed + per_img * args.scale_to}
+                       large["persistent_mib"] + fixed + per_img * args.scale_to,
+                   **{f"{k}_per_img": v for k, v in per_img_of.items()}}
             if "allocator_step_peak_mib" in small:
                 row["allocator_step_peak_mib_small"] = small["allocator_step_peak_mib"]
             rows.append(row)
@@ -213,7 +304,8 @@ def main(argv=None):
     path = record(args.results_name, rows, device)
     print(f"\nrows appended to {path}")
     print_table(rows, ["model", "path", "persistent_mib", "step_fixed_mib", "step_mib_per_img",
-                       f"peak_mib_at_{args.scale_to}", "per_img_ratio_vs_math_ref"]
+                       f"peak_mib_at_{args.scale_to}", "per_img_ratio_vs_math_ref",
+                       "matmul_gflop_per_img", "attention_gflop_per_img", "other_gib_per_img"]
                 + (["step_peak_mib", "allocator_step_peak_mib"] if device.type == "cuda" else []))
     return 0
 

@@ -172,6 +172,29 @@ def test_live_bytes_counts_storages_once_and_sees_the_backward():
     assert elsewhere.peak == 0
 
 
+def test_traffic_counts_matmul_flops_and_the_bytes_other_ops_move():
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.bench_memory import Traffic
+
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 32), torch.randn(48, 32)
+    q = torch.randn(2, 3, 10, 8)
+    with Traffic() as t:
+        y = F.linear(x, w)                          # 2 * 64 * 32 * 48 FLOPs
+        v = y.view(64, 6, 8).transpose(0, 1)        # views: nothing moves
+        h = y.to(torch.bfloat16)                    # reads 64x48 fp32, writes bf16
+        y.add_(1.0)                                 # reads and writes y
+        torch.zeros(100)                            # writes only
+        F.scaled_dot_product_attention(q, q, q)     # 4 * 2 * 3 * 10 * 10 * 8 FLOPs
+    assert t.matmul_flops == 2 * 64 * 32 * 48
+    assert t.attention_flops == 4 * 2 * 3 * 10 * 10 * 8
+    cast, add, zeros = 64 * 48 * (4 + 2), 2 * 64 * 48 * 4, 400
+    assert t.by_op == {"_to_copy": cast, "add_": add, "zeros": zeros}
+    assert t.other_bytes == cast + add + zeros and v.shape == (6, 64, 8)
+
+
 def test_cuda_autocast_policy_replays_cudas_fp32_ops_on_the_cpu():
     """Inside a CPU autocast region CudaAutocastPolicy gives CUDA autocast's dtypes:
     LayerNorm, softmax, log_softmax, sums, norms, exp in fp32 on bf16 inputs (values as
