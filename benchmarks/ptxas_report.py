@@ -178,6 +178,8 @@ def main(argv=None):
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10")
     p.add_argument("--ce-tiles", default="",
                    help="centred-CE forward tilings RxKxW to compile instead of the default")
+    p.add_argument("--only", default="",
+                   help="compile only the kernels whose name starts with this")
     p.add_argument("--layouts", action="store_true", help="print each kernel's layouts")
     p.add_argument("--json", action="store_true", help="one JSON object per kernel instead")
     args = p.parse_args(argv)
@@ -188,6 +190,8 @@ def main(argv=None):
         print(f"sm_{args.arch}: registers per thread, spilled bytes, shared memory")
     failed = 0
     for spec in specs(tiles or None):
+        if not spec.name.startswith(args.only):
+            continue
         try:
             info = compile_spec(spec, args.arch)
         except Exception as e:  # noqa: BLE001 - report every kernel, fail at the end
