@@ -20,10 +20,12 @@
 #   ema       EMA / AdamW+EMA; head  masked head;
 #   attn      attention backends, packed vs two-pass;
 #   train_compile, train_official, train_variants   the full step: torch.compile of the
-#             fast path; the reference with the math attention; fast-path options one by one;
+#             fast path; the reference with the math attention; fast-path options one by one
+#             (VARIANTS="opts;opts": only those);
 #   train_data   the fast step fed by the DALI pipeline (needs `packages` first);
 #   train_large  ViT-L/16 at batch 64;  trace  the top kernels of each path (ViT-B/16);
-#   memory    bench_memory's op-by-op count of the step's peak beside the allocator's;
+#   memory    bench_memory's op-by-op count of the step's peak beside the allocator's
+#             (MEMORY_MODELS, MEMORY_PATHS: a subset);
 #   dalitests the DALI tests (CPU and GPU);
 #   data      the data pipeline (DALI on the GPU vs the CPU pipeline);
 #   pytest    the tests named in $PYTEST_ARGS;  gpumarked  the gpu-marked tests only;
@@ -116,18 +118,20 @@ PY
   train_official) step "full step: reference path with the math attention (official code's)"
     bench 90 bench_train --impls reference --reference-math --results-name train ;;
   train_variants) step "full step: fast-path options one at a time (ViT-B/16)"
-    for opt in "--efficient-drop-path false" "--pack false" "--fused-last-layer true" \
-               "--fuse-ema true" "--clip-mode global" "--fuse-ema true --clip-mode global" \
-               "--center2 all" "--checkpointing selective" \
-               "--checkpointing selective_mlp" "--checkpointing full" "--attention varlen" \
-               "--layernorm-fp32 true"; do
+    # VARIANTS="--layernorm-fp32 true;--checkpointing selective_mlp": only those
+    variants=${VARIANTS:-"--efficient-drop-path false;--pack false;--fused-last-layer true;\
+--fuse-ema true;--clip-mode global;--fuse-ema true --clip-mode global;--center2 all;\
+--checkpointing selective;--checkpointing selective_mlp;--checkpointing full;\
+--attention varlen;--layernorm-fp32 true"}
+    IFS=';' read -ra options <<< "$variants"
+    for opt in "${options[@]}"; do
       echo "-- $opt" | tee -a "$LOG"
       bench 60 bench_train --models vit_base --impls fast --steps 10 --no-phases $opt \
         --results-name train_variants
     done ;;
   memory) step "peak memory counted op by op vs the allocator's (bench_memory)"
-    bench 230 bench_memory --models vit_small,vit_base --batch 8,16 --paths \
-      "reference (math),reference (math) fp32 residual,reference (sdpa),fast,fast fp32 layernorm,fast selective,fast selective_mlp,fast full" ;;
+    bench 230 bench_memory --models ${MEMORY_MODELS:-vit_small,vit_base} --batch 8,16 --paths \
+      "${MEMORY_PATHS:-reference (math),reference (math) fp32 residual,reference (sdpa),fast,fast fp32 layernorm,fast selective,fast selective_mlp,fast full}" ;;
   train_data) step "full step fed by DALI (synthetic JPEGs decoded and augmented on the GPU)"
     bench 240 bench_train --impls fast --with-data --pipeline dali --workers 16 --no-phases \
       --results-name train_data ;;
