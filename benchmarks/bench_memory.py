@@ -92,6 +92,7 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
+_METADATA = {"set_", "resize_", "as_strided_", "detach_", "requires_grad_", "record_stream"}
 _FACTORIES = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
               "zeros", "zeros_like", "new_zeros", "ones", "ones_like", "full", "full_like",
               "new_full", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "randperm",
@@ -146,7 +147,7 @@ class Traffic(TorchDispatchMode):
             self.matmul_flops += mm
             self.attention_flops += attn
             return out
-        if func.is_view or (not func._schema.is_mutable and flat_out and all(
+        if name in _METADATA or func.is_view or (not func._schema.is_mutable and flat_out and all(
                 any(o.untyped_storage().data_ptr() == i.untyped_storage().data_ptr()
                     for i in flat_in) for o in flat_out)):
             return out  # a view or alias: no data moves
@@ -206,8 +207,7 @@ def measure(cfg, device, cuda_policy: bool = False) -> dict:
            "matmul_gflop": traffic.matmul_flops / 1e9,
            "attention_gflop": traffic.attention_flops / 1e9,
            "other_gib": traffic.other_bytes / 2**30,
-           "other_gib_by_op": {k: v / 2**30 for k, v in sorted(
-               traffic.by_op.items(), key=lambda kv: -kv[1])[:25]}}
+           "other_gib_by_op": {k: v / 2**30 for k, v in traffic.by_op.items()}}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         row["allocator_step_peak_mib"] = \
@@ -284,6 +284,10 @@ def main(argv=None):
                 (args.batch[1] - args.batch[0])
             per_img_of = {k: (large[k] - small[k]) / (args.batch[1] - args.batch[0])
                           for k in ("matmul_gflop", "attention_gflop", "other_gib")}
+            by_op = {k: (v - small["other_gib_by_op"].get(k, 0.0)) /
+                     (args.batch[1] - args.batch[0])
+                     for k, v in large.pop("other_gib_by_op").items()}
+            small.pop("other_gib_by_op")
             fixed = large["step_peak_mib"] - per_img * args.batch[1]
             row = {"bench": "memory", "model": model, "path": label, "batch": args.batch,
                    "n_local": args.n_local, "precision": args.precision, "smoke": args.smoke,
@@ -292,7 +296,10 @@ def main(argv=None):
                    **large, "step_fixed_mib": fixed, "step_mib_per_img": per_img,
                    f"peak_mib_at_{args.scale_to}":
                        large["persistent_mib"] + fixed + per_img * args.scale_to,
-                   **{f"{k}_per_img": v for k, v in per_img_of.items()}}
+                   **{f"{k}_per_img": v for k, v in per_img_of.items()},
+                   "other_gib_per_img_by_op": dict(sorted(
+                       ((k, v) for k, v in by_op.items() if abs(v) > 1e-4),
+                       key=lambda kv: -kv[1])[:25])}
             if "allocator_step_peak_mib" in small:
                 row["allocator_step_peak_mib_small"] = small["allocator_step_peak_mib"]
             rows.append(row)
