@@ -200,6 +200,37 @@ def test_checkpointing_under_bf16_autocast(mode, pack):
         torch.testing.assert_close(b, a, rtol=tol, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("mode", ["selective_mlp", "full"])
+@pytest.mark.parametrize("pack", [False, True])
+def test_checkpointing_with_bf16_layernorms(mode, pack):
+    """model.layernorm_fp32=false: each LayerNorm switches autocast off around itself,
+    and the recomputation in the backward does the same; under CUDA's autocast policy
+    (replayed on the CPU) the outputs and gradients equal those of keeping every
+    activation, within what the bf16 test above allows."""
+    from benchmarks.cuda_autocast import CudaAutocastPolicy
+
+    def run(m):
+        torch.manual_seed(0)
+        model = vit("vit_demo", 32, 4, drop_path_rate=0.3, attention_backend="sdpa",
+                    pack_crops=pack, activation_checkpointing=m, layernorm_fp32=False)
+        with torch.no_grad():
+            model.mask_token.normal_()
+        g, masks, loc = _inputs(torch.float32)
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocastPolicy():
+            tg, tl = model.forward_crops(g, masks, loc)
+            loss = tg.float().square().mean() + tl.float().square().mean()
+        assert tg.dtype == torch.bfloat16  # the final LayerNorm's output
+        return tg, torch.autograd.grad(loss, list(model.parameters()))
+
+    plain_out, plain = run("none")
+    out, grads = run(mode)
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
+    tol = BF16_GRAD_TOL if not pack and mode != "full" else 0.0
+    for (name, _), a, b in zip(_model("none").named_parameters(), plain, grads):
+        torch.testing.assert_close(b, a, rtol=tol, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_checkpointing_with_fp32_residual_under_bf16(pack):
     """model.residual_fp32: an fp32 stream meets bf16 branch outputs in every residual add
