@@ -73,6 +73,33 @@ def test_best_lr_is_the_max_over_lrs_and_epochs():
     assert r["top1"][0] < r["best_top1"]  # the tiny lr trails: the choice of lr matters
 
 
+@pytest.mark.parametrize("w, h, resized, offset", [
+    (640, 427, (383, 256), (80, 16)),    # 256 x 640 / 427 = 383.6, truncated; 79.5 -> 80
+    (427, 640, (256, 383), (16, 80)),
+    (500, 375, (341, 256), (58, 16)),    # 341.3 -> 341; 58.5 -> 58 (half to even)
+    (300, 300, (256, 256), (16, 16)),
+    (225, 100, (576, 256), (176, 16)),
+])
+def test_eval_transform_does_the_official_resize_and_centre_crop(w, h, resized, offset):
+    """torchvision's Resize(256) (shorter side to 256, the longer int(256 x long /
+    short)) and CenterCrop(224) (offsets int(round((side - 224) / 2)), half to even), as
+    the official evaluation runs them, written out."""
+    from PIL import Image
+
+    from ibot_fast.data.cpu import to_tensor
+    from ibot_fast.eval.knn import eval_transform
+
+    g = torch.Generator().manual_seed(w * h)
+    img = Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g,
+                                        dtype=torch.uint8).numpy())
+    left, top = offset
+    expected = to_tensor(img.resize(resized, Image.BICUBIC).crop(
+        (left, top, left + 224, top + 224)))
+    out = eval_transform(img, 224)
+    assert out.shape == (3, 224, 224)
+    assert torch.equal(out, expected)
+
+
 def test_feature_spec_follows_the_official_protocol():
     official = {"vit_small": (4, False), "vit_base": (1, True), "vit_large": (1, True)}
     for arch, (n_blocks, avgpool) in official.items():

@@ -26,14 +26,16 @@ log = logging.getLogger(__name__)
 
 
 def eval_transform(img, size: int):
-    """Resize the shorter side to size * 256 / 224 (bicubic), centre-crop size x size."""
+    """Resize the shorter side to size * 256 / 224 (bicubic), centre-crop size x size, with
+    the official evaluation's arithmetic (torchvision's Resize(256) and CenterCrop(224) on
+    PIL images): the longer side is truncated, int(256 x long / short), and the crop's
+    offsets are int(round((side - size) / 2)), Python's round (half to even)."""
     resize = int(round(size * 256 / 224))
     w, h = img.size
-    scale = resize / min(w, h)
-    img = img.resize((max(resize, round(w * scale)), max(resize, round(h * scale))),
-                     Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
+    longer = int(resize * max(w, h) / min(w, h))
+    w, h = (resize, longer) if w <= h else (longer, resize)
+    img = img.resize((w, h), Image.BICUBIC)
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
     return to_tensor(img.crop((left, top, left + size, top + size)))
 
 
