@@ -28,7 +28,7 @@ casts around autocast's fp32 LayerNorm); it is not a timing.
 On the CPU the step runs under CUDA autocast's fp32 policy by default
 (`--autocast-policy cuda`, benchmarks/cuda_autocast.py): the CPU's own autocast runs
 LayerNorm and softmax in bf16 where CUDA's runs them in fp32, and counted under its own
-policy a step kept 10-34% less than the H100's allocator reported. Under CUDA's policy
+policy a step kept 8-25% less than the H100's allocator reported. Under CUDA's policy
 the counts of six H100-measured configurations (ViT-S/B; reference with math or SDPA
 attention, fast) came within -6% to +0.4% of the allocator's peaks (README in
 results/). The Triton kernels run under TRITON_INTERPRET=1 when it is set (their buffers
@@ -112,7 +112,9 @@ def matmul_flops(name: str, args, out) -> float:
 
 def attention_flops(name: str, args) -> float:
     """FLOPs of an SDPA kernel call (q [.., N, d], k [.., M, d]): 4 N M d per head
-    forward; its backward 2.5 x that (flash recomputes q k^T)."""
+    forward; its backward 2.5 x that (flash recomputes q k^T). The backward ops take the
+    output gradient first and q second, which gives the same product for self-attention
+    (N = M), the only kind here."""
     if "scaled_dot_product" not in name and "attention" not in name:
         return 0.0
     q, k = args[0], args[1]
