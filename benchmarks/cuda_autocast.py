@@ -6,7 +6,8 @@ rest. CUDA's runs LayerNorm in fp32 (the bf16 input is cast up, the output stays
 the LayerNorm keeps that fp32 copy for its backward and the next linear casts its output
 back down), and softmax, log_softmax, sums and norms produce fp32; the CPU's runs all of
 these in the input's dtype. A count on the CPU therefore missed a GPU's fp32 copies
-(README: the H100's allocator peaks were 10-34% above the CPU counts).
+(on the code the H100 measured, its allocator peaks were 8-25% above the CPU-policy
+counts; 0-6% above the counts under this policy: benchmarks/results/README.md).
 
 `CudaAutocastPolicy` is a TorchFunctionMode: while it and a CPU autocast region are
 active, the ops of CUDA's lists below get CUDA's treatment: the "fp32" ops see their
