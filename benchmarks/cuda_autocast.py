@@ -7,7 +7,7 @@ the LayerNorm keeps that fp32 copy for its backward and the next linear casts it
 back down), and softmax, log_softmax, sums and norms produce fp32; the CPU's runs all of
 these in the input's dtype. A count on the CPU therefore missed a GPU's fp32 copies
 (on the code the H100 measured, its allocator peaks were 8-25% above the CPU-policy
-counts; 0-6% above the counts under this policy: benchmarks/results/README.md).
+counts, and within 6% of the counts under this policy: benchmarks/results/README.md).
 
 `CudaAutocastPolicy` is a TorchFunctionMode: while it and a CPU autocast region are
 active, the ops of CUDA's lists below get CUDA's treatment: the "fp32" ops see their
