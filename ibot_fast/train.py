@@ -41,10 +41,11 @@ from .data import build_train_loader
 from .logger import JsonLog, ProgressBar, setup_logging
 from .flat import FlatParams, ema_flat_
 from .loss import build_loss, koleo_loss
+from .compiling import compile_backbones, resolve_compile
 from .masking import buffer_rows, sampler_from_config
 from .models import (ARCHS, MaskedRows, backbone_state_dict, build_backbone,
                      build_student_teacher)
-from .models.attention import resolve_backend
+from .models.attention import Seqs, resolve_backend
 from .optim import (AdamWEMA, build_optimizer, cancel_last_layer_grads, clip_gradients,
                     ema_loop_, flat_group, last_layer_params, param_groups,
                     set_hyperparameters)
@@ -184,14 +185,38 @@ class Trainer:
             self.student = torch.nn.parallel.DistributedDataParallel(
                 self.student_module, device_ids=[self.device] if self.device.type == "cuda"
                 else None, broadcast_buffers=False)
-        if cfg.train.compile:  # the student's forward (inside DDP) and the teacher's
-            self.student = torch.compile(self.student)
-            self.teacher.forward_teacher_masked = torch.compile(self.teacher.forward_teacher_masked)
-            self.teacher.forward = torch.compile(self.teacher.forward)
+        self.compiled = self._compile()
         torch.manual_seed(cfg.train.seed + self.rank)  # stochastic depth differs by process
         self.last_layer = last_layer_params(self.student_module)
         self.student_params = [p for p in self.student_module.parameters() if p.requires_grad]
         return backend
+
+    def _compile(self) -> bool:
+        """Regional compilation (ibot_fast/compiling.py) of the student's and teacher's
+        blocks, when `train.compile` resolves to it; probed before the first step
+        (except under FSDP, whose collectives the probe would have to join)."""
+        wanted, why = resolve_compile(self.cfg.train.compile, self.device)
+        log.info("train.compile: %s (%s)", "regional, per block" if wanted else "off", why)
+        if not wanted:
+            return False
+        backbone = self.student_module.backbone
+        return compile_backbones([backbone, self.teacher.backbone],
+                                 None if self.sharded else self._probe_tokens(backbone),
+                                 self.autocast)
+
+    def _probe_tokens(self, backbone):
+        """(tokens, seqs) shaped as the student's blocks see them in a step."""
+        cfg, d = self.cfg, self.derived
+        n_global, n_local = 2 * cfg.train.batch_size, cfg.data.n_local * cfg.train.batch_size
+        low = self.precision in ("bf16", "fp16") and not cfg.model.residual_fp32
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision) \
+            if low else torch.float32
+        if cfg.model.pack_crops and n_local and self.fast:
+            seqs = Seqs([(n_global, d["n_patches"] + 1), (n_local, d["n_local_patches"] + 1)])
+            return torch.empty(seqs.total, backbone.embed_dim, dtype=dtype,
+                               device=self.device), seqs
+        return torch.empty(n_global, d["n_patches"] + 1, backbone.embed_dim, dtype=dtype,
+                           device=self.device), None
 
     def _build_optimizer(self):
         cfg = self.cfg
@@ -228,8 +253,10 @@ class Trainer:
     def _resolve_precision(self) -> str:
         p = self.cfg.train.precision
         if p == "auto":
-            return "bf16" if self.device.type == "cuda" else "fp32"
-        if p == "fp16" and self.device.type != "cuda":
+            p = "bf16" if self.device.type == "cuda" else "fp32"
+            log.info("train.precision: %s (auto: %s)", p, "bf16 autocast on CUDA"
+                     if p == "bf16" else f"fp32 on {self.device.type}")
+        elif p == "fp16" and self.device.type != "cuda":
             raise UserError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
         return p
 

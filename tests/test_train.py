@@ -525,40 +525,6 @@ def test_process_exits_with_persistent_workers(tmp_path, pipeline):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_compiled_step_matches_eager_and_its_checkpoint_resumes_eager(tmp_path, twins):
-    """train.compile=true (inductor; on the CPU here, ~1 min of compiling): one fast-path
-    step gives the eager step's loss and student gradients within fp32 reordering, and the
-    compiled run's checkpoint carries plain parameter names, so an eager run resumes it.
-    The kernels' torch twins stand in for Triton here: Dynamo cannot trace the Triton
-    interpreter (on a GPU the compiled step was run with the kernels, benchmarks only)."""
-    results = {}
-    for compiled in (False, True):
-        trainer = Trainer(tiny_config(
-            tmp_path / str(compiled), "optim.freeze_last_layer=0", "model.drop_path_rate=0",
-            "optim.clip_grad=0", f"train.compile={str(compiled).lower()}", impl="fast"))
-        trainer.loader.set_epoch(0)
-        batch = next(iter(trainer.loader))
-        losses = trainer.train_step(batch, 0, 0)  # warm-up's first iteration: lr 0
-        grads = {n: p.grad.detach().clone() for n, p in
-                 trainer.student_module.named_parameters() if p.grad is not None}
-        results[compiled] = float(losses["loss"].detach()), grads, trainer
-    (loss_e, grads_e, _), (loss_c, grads_c, compiled) = results[False], results[True]
-    assert loss_c == pytest.approx(loss_e, rel=1e-5)
-    assert grads_c.keys() == grads_e.keys() and len(grads_e) > 10
-    for name, g in grads_e.items():
-        assert (grads_c[name] - g).norm() <= 1e-4 * g.norm() + 1e-12, name
-    compiled.iteration = compiled.batch_in_epoch = 1
-    compiled.save()
-    state = torch.load(tmp_path / "True" / "checkpoint.pth", weights_only=False)
-    assert not any("_orig_mod" in k for k in state["student"])
-    resumed = Trainer(tiny_config(tmp_path / "True", "optim.freeze_last_layer=0",
-                                  "model.drop_path_rate=0", "optim.clip_grad=0", impl="fast"),
-                      "auto")
-    assert resumed.iteration == 1
-    for name, x in compiled.student_module.state_dict().items():
-        assert torch.equal(resumed.student_module.state_dict()[name], x), name
-
-
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_koleo_term_on_the_global_cls_tokens(tmp_path, impl):
     """loss.koleo_weight: the step's loss is the iBOT loss + weight x KoLeo, KoLeo taken
@@ -602,29 +568,6 @@ def test_koleo_weight_is_checked(tmp_path):
             tiny_config(tmp_path, f"loss.koleo_weight={bad}")
     with pytest.raises(UserError, match="needs train.batch_size >= 2"):
         tiny_config(tmp_path, "loss.koleo_weight=0.1", "train.batch_size=1")
-
-
-def test_a_compiled_run_compiles_once_per_shape_regime(tmp_path, twins):
-    """A compiled run across epoch ends, a checkpoint and a resume compiles each forward
-    (student, teacher) at most twice: once static, once more when the i.i.d. sampler's
-    masked-token count first changes (then that size is dynamic). Nothing that changes
-    every step (the epoch, a temperature, the lr) reaches a compiled region, so no
-    recompilation per step (which would stop at Dynamo's cache limit and fall back to
-    eager silently), and no graph breaks. After test_compiled_step_... the graphs may be
-    cached already (Dynamo caches per code object): then it compiles nothing new."""
-    from torch._dynamo.utils import counters
-
-    before = counters["stats"]["unique_graphs"]
-    trainer = Trainer(tiny_config(tmp_path, "train.compile=true", "train.stop_at_iter=5",
-                                  impl="fast"))
-    trainer.run()  # 3 iterations per epoch: crosses the first epoch's end
-    after_first = counters["stats"]["unique_graphs"]
-    resumed = Trainer(tiny_config(tmp_path, "train.compile=true", impl="fast"), "auto")
-    resumed.run()  # to the end of the third epoch
-    assert resumed.iteration == 9
-    assert counters["stats"]["unique_graphs"] == after_first  # nothing new after 5 steps
-    assert after_first - before <= 4
-    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
 
 def test_fsdp_with_one_process_trains_unsharded(tmp_path, caplog):

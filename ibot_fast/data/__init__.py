@@ -21,21 +21,32 @@ __all__ = ["BadImage", "DigitsDataset", "ImageFolder", "SyntheticDataset", "Trai
            "build_dataset", "build_train_loader", "resolve_pipeline"]
 
 
-def resolve_pipeline(name: str, device: torch.device) -> str:
-    """'auto' is DALI when it is installed and a GPU is present, else the CPU pipeline."""
-    if name == "cpu":
-        return "cpu"
+def dali_importable() -> bool:
     try:
         import nvidia.dali  # noqa: F401
-        has_dali = True
+        return True
     except Exception:
-        has_dali = False
-    if name == "dali":
-        if not has_dali:
+        return False
+
+
+def resolve_pipeline(name: str, device: torch.device) -> str:
+    """'auto' is DALI when it imports and a GPU is present, else the CPU pipeline; the
+    choice is logged with its reason."""
+    if name == "cpu":
+        choice, why = "cpu", "configured"
+    elif name == "dali":
+        if not dali_importable():
             raise UserError("data.pipeline=dali needs NVIDIA DALI: pip install "
                             "nvidia-dali-cuda130 (CUDA 13) or nvidia-dali-cuda120 (CUDA 12)")
-        return "dali"
-    return "dali" if has_dali and device.type == "cuda" else "cpu"
+        choice, why = "dali", "configured"
+    elif device.type != "cuda":
+        choice, why = "cpu", f"auto: DALI augments on a GPU, this run is on {device.type}"
+    elif dali_importable():
+        choice, why = "dali", "auto: DALI imports and a GPU is present"
+    else:
+        choice, why = "cpu", "auto: DALI does not import (pip install -e '.[gpu]')"
+    log.info("data.pipeline: %s (%s)", choice, why)
+    return choice
 
 
 class TrainLoader:

@@ -150,7 +150,6 @@ def _all_gather_rows(order, tensors, device):
     return every.sort().values, results
 
 
-@torch.no_grad()
 def extract_features(backbone, source, size: int, device, n_blocks: int = 4,
                      avgpool: bool = False, batch_size: int = 256, num_workers: int = 0,
                      gather: bool = True, precision: str = "fp32"):
@@ -159,11 +158,24 @@ def extract_features(backbone, source, size: int, device, n_blocks: int = 4,
     fp32 (the official evaluation) or under bf16 autocast (`eval.precision`).
 
     Under torch.distributed process r extracts images r, r + world, ...; with gather=True
-    every process returns all of them, with gather=False its own shard only.
+    every process returns all of them, with gather=False its own shard only. The
+    backbone runs in eval mode and is left in the mode it came in (the teacher of a
+    training run goes on training: its compiled blocks are specialised to that mode).
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={precision!r} is not fp32 or bf16")
+    was_training = backbone.training
     backbone.eval()
+    try:
+        with torch.no_grad():
+            return _extract(backbone, source, size, device, n_blocks, avgpool, batch_size,
+                            num_workers, gather, precision)
+    finally:
+        backbone.train(was_training)
+
+
+def _extract(backbone, source, size, device, n_blocks, avgpool, batch_size, num_workers,
+             gather, precision):
     if dist.is_initialized():
         _check_same_source(len(source))
     indices = list(range(dist.rank(), len(source), dist.world_size()))

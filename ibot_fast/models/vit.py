@@ -61,11 +61,14 @@ def drop_path(x: torch.Tensor, p: float, training: bool, seqs: Seqs = None) -> t
     if p == 0.0 or not training:
         return x
     keep = 1.0 - p
+    # `rand < keep` rather than `bernoulli_(keep)`: under torch.compile the rate stays a
+    # symbolic float, so the blocks' different rates share one compiled graph
+    # (bernoulli_ would specialise it: a recompilation per block)
     if seqs is None:
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+        return x * ((torch.rand(shape, device=x.device) < keep).to(x.dtype) / keep)
     n = sum(count for count, _ in seqs.groups)
-    mask = seqs.per_token(x.new_empty(n).bernoulli_(keep).div_(keep))
+    mask = seqs.per_token((torch.rand(n, device=x.device) < keep).to(x.dtype) / keep)
     return x * mask[:, None]
 
 
@@ -357,6 +360,9 @@ class VisionTransformer(nn.Module):
             for i in range(depth))
         self.pack_crops = pack_crops
         self.residual_fp32 = residual_fp32
+        # how each block runs: `run_block`, or its compiled twin (ibot_fast.compiling:
+        # one compiled function that every block of the model, and the teacher's, reuse)
+        self.block_runner = run_block
         self.norm = LayerNorm(dim, layernorm_fp32)
         self._init_weights()
 
@@ -403,7 +409,7 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
         x = self.prepare_tokens(x, mask)
         for block in self.blocks:
-            x = run_block(block, x, None, self.activation_checkpointing)
+            x = self.block_runner(block, x, None, self.activation_checkpointing)
         return self.norm(x)
 
     def forward_crops(self, global_crops: torch.Tensor, masks: torch.Tensor = None,
@@ -423,7 +429,7 @@ class VisionTransformer(nn.Module):
         seqs = Seqs([(tg.shape[0], tg.shape[1]), (tl.shape[0], tl.shape[1])])
         x = torch.cat([tg.reshape(-1, tg.shape[-1]), tl.reshape(-1, tl.shape[-1])])
         for block in self.blocks:
-            x = run_block(block, x, seqs, self.activation_checkpointing)
+            x = self.block_runner(block, x, seqs, self.activation_checkpointing)
         x = self.norm(x)
         out_g, out_l = seqs.split(x)
         return out_g, out_l
