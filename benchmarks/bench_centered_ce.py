@@ -15,9 +15,11 @@ forward + backward (`fwd+bwd`, gradient of the loss rows with respect to the stu
     triton          `kernels.centered_softmax_ce_and_colsum`
     triton_inplace  the same with inplace_grad=True (gradient written into the logits)
   on features [rows, D] and the weight-normalised last layers (v [K, D], g [K, 1]):
-    head+eager      the twin `fused_head_ce`: PyTorch head matmuls, then the eager loss
+    head+eager      the twin `ibot_fast.reference.fused_head.fused_head_ce`: PyTorch
+                    head matmuls, then the eager loss
     head+triton     PyTorch head matmuls (bf16, as autocast runs them), then `triton`
-    fused_head      `kernels.fused_head_ce`: logits computed on chip, never stored
+    fused_head      `kernels.fused_head_ce` (kernels/fused_head.py): logits computed on
+                    chip, never stored
   tilings of the logits kernel's forward (`--tiles 16x256x4,4x1024x8`: BLOCK_R x BLOCK_K x
   warps), each a method `triton@RxKxW` (its backward keeps the default tiles): the data
   for choosing `_ce_blocks`' GPU configuration
@@ -94,7 +96,9 @@ def _head_inputs(rows, K, dtype, device, gen, dim):
 def _methods(dtype, tiles=()):
     """name -> loss function (inputs tuple -> (loss rows, colsum), differentiable leaves)."""
     from ibot_fast.kernels import centered_ce as kernels
+    from ibot_fast.kernels import fused_head
     from ibot_fast.reference import centered_ce as reference
+    from ibot_fast.reference import fused_head as reference_head
 
     temps = (STUDENT_TEMP, TEACHER_TEMP)
 
@@ -149,9 +153,9 @@ def _methods(dtype, tiles=()):
         "compile": on_logits(compiled),
         "triton": on_logits(kernels.centered_softmax_ce_and_colsum),
         "triton_inplace": on_logits(kernels.centered_softmax_ce_and_colsum, inplace_grad=True),
-        "head+eager": autocast(fused(reference.fused_head_ce)),
+        "head+eager": autocast(fused(reference_head.fused_head_ce)),
         "head+triton": head_then(kernels.centered_softmax_ce_and_colsum),
-        "fused_head": fused(kernels.fused_head_ce),
+        "fused_head": fused(fused_head.fused_head_ce),
     }
 
 

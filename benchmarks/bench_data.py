@@ -21,7 +21,7 @@ Rows:
                batch 32 (its cost is per image; a small batch keeps its warm-up short)
 About 70-90 s on a 16-core GPU machine with the defaults (most of it the CPU rows).
 Without --data, a folder of synthetic JPEGs (500x375, quality 90: ImageNet's typical size) is
-made once under /tmp. DESIGN/issue 7 goal on an H100 with 16 cores: DALI feeds >= 1.5x
+made once under /tmp. The goal of issue 7, on an H100 with 16 cores: DALI feeds >= 1.5x
 the fast step's images/s for ViT-S/16 (pass that figure as --step-img-per-s to print the
 ratio). Set IBOT_FAST_RESULTS to keep smoke rows out of benchmarks/results/.
 """

@@ -4,7 +4,7 @@
     python -m benchmarks.bench_ema --models vit_b --reps 50
     python -m benchmarks.bench_ema --smoke               # tiny shapes, seconds, any machine
 
-Parameter sets follow DESIGN.md 1.3: patch embedding (conv 3x16x16 -> D, with bias),
+Parameter sets follow docs/design.md §1.3: patch embedding (conv 3x16x16 -> D, with bias),
 CLS token, positional embedding 197 x D, mask token 1 x D; per block two LayerNorms, qkv
 (3D x D + 3D), proj (D x D + D), fc1 (4D x D + 4D), fc2 (D x 4D + D); final LayerNorm;
 head Linear(D, 2048), Linear(2048, 2048), Linear(2048, 256) with biases, last layer
@@ -50,7 +50,7 @@ CLIP = 3.0
 
 
 def param_shapes(dim, depth, out_dim, hidden, bottleneck, patch=16, tokens=197):
-    """(name, shape) of the iBOT student: ViT backbone and DINO head (DESIGN.md 1.3)."""
+    """(name, shape) of the iBOT student: ViT backbone and DINO head (docs/design.md §1.3)."""
     shapes = [("backbone.patch_embed.proj.weight", (dim, 3, patch, patch)),
               ("backbone.patch_embed.proj.bias", (dim,)),
               ("backbone.cls_token", (1, 1, dim)),

@@ -58,7 +58,8 @@ def _types(fn, pointers: dict, floats=(), default_ptr="*fp32"):
 
 def specs(ce_tiles=None):
     """The kernels with the launch configurations the host code picks on a GPU."""
-    from ibot_fast.kernels import adamw_ema, centered_ce, ema, masked_gather
+    from ibot_fast.kernels import (adamw_ema, ce_stats, centered_ce, ema, fused_head,
+                                   masked_gather)
 
     out = []
     temps = ("inv_ts", "inv_tt")
@@ -88,17 +89,17 @@ def specs(ce_tiles=None):
     for K, dtype in ((8192, torch.bfloat16), (65536, torch.bfloat16), (65536, torch.float32),
                      (262144, torch.float32)):
         n_blocks = K // centered_ce._ce_blocks(K, dtype, CUDA)[1]
-        block_r, block_n, warps = centered_ce._combine_blocks(n_blocks)
+        block_r, block_n, warps = ce_stats.combine_blocks(n_blocks)
         out.append(Spec(f"centered_ce combine K={K} {str(dtype)[6:]} ({n_blocks} blocks)",
-                        centered_ce._centered_ce_combine_kernel,
-                        _types(centered_ce._centered_ce_combine_kernel, {}),
+                        ce_stats._centered_ce_combine_kernel,
+                        _types(ce_stats._centered_ce_combine_kernel, {}),
                         dict(HAS_WEIGHT=True, BLOCK_R=block_r, BLOCK_N=block_n), warps))
     for dtype, ptr in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
-        cfg = centered_ce._fused_blocks(256, dtype, CUDA)
+        cfg = fused_head._fused_blocks(256, dtype, CUDA)
         upcast, precision = dtype == torch.float32, "tf32"
         head = {n: ptr for n in ("fs_ptr", "ws_ptr", "ft_ptr", "wt_ptr", "ds_ptr")}
-        for kernel in (centered_ce._fused_head_ce_fwd_kernel,
-                       centered_ce._fused_head_ce_dlogits_kernel):
+        for kernel in (fused_head._fused_head_ce_fwd_kernel,
+                       fused_head._fused_head_ce_dlogits_kernel):
             constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
             constexprs.update(UPCAST=upcast, DOT_PRECISION=precision)
             if "HAS_WEIGHT" in kernel.arg_names:

@@ -110,7 +110,7 @@ PY
   gputests)
     step "correctness: kernel tests and gpu-marked tests"
     pytest_run kernels "${KTESTS_LIMIT:-300}" --timeout=300 tests/test_kernel_centered_ce.py \
-      tests/test_kernel_masked_gather.py tests/test_kernel_ema.py tests/test_kernel_adamw_ema.py
+      tests/test_kernel_fused_head.py tests/test_kernel_masked_gather.py tests/test_kernel_ema.py tests/test_kernel_adamw_ema.py
     pytest_run gpu "${GTESTS_LIMIT:-300}" --timeout=300 -m gpu tests ;;
   train) step "full training step"; bench "${TRAIN_LIMIT:-300}" bench_train ${TRAIN_ARGS:-} ;;
   train_compile) step "full step: torch.compile of the fast path"

@@ -147,7 +147,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# Paper recipes (DESIGN.md §1.5) as small diffs on the defaults. The paper's global batch
+# Paper recipes (docs/design.md §1.5) as small diffs on the defaults. The paper's global batch
 # of 1024 is 8 processes x 128 (or 16 x 64); lr is scaled by the actual global batch.
 _PAPER = {
     "loss.teacher_temp": 0.07,

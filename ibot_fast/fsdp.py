@@ -1,7 +1,7 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`) for the student and the teacher.
 
 `train.parallel=fsdp` shards every parameter, its gradient and its AdamW moments across
-the processes (DESIGN.md: FSDP2 for ViT-L and larger), instead of keeping a whole copy
+the processes (docs/design.md §2.8), instead of keeping a whole copy
 of each on every process as DDP does. Per process, parameter state falls from
 16 bytes x P (fp32 weight, gradient, two moments) + 4 x P (the teacher) to 20 x P /
 world size, plus the gathered weights: one block at a time with

@@ -1,4 +1,6 @@
-"""IBOTLoss: the CLS (DINO) and masked-patch (MIM) self-distillation terms (DESIGN.md §1.4).
+"""IBOTLoss: the CLS (DINO) and masked-patch (MIM) self-distillation terms.
+
+docs/design.md §1.4 states the loss; §2.4-2.5 the fast path's masked rows and kernels.
 
     Pt_cls = softmax((t_cls - c) / tt)            Pt_patch = softmax((t_patch - c2) / tt2)
     CE(p, s) = -sum_k p_k log_softmax(s / ts)_k   (no gradient into p)

@@ -1,4 +1,4 @@
-"""Mask samplers for masked image modelling (DESIGN.md §1.2). Global crops only.
+"""Mask samplers for masked image modelling (docs/design.md §1.2). Global crops only.
 
 `BlockMaskSampler` is the official i.i.d. sampler: each crop independently draws a ratio
 (one of the `pred_ratio` choices, each uniform in `ratio +- var`; the paper's flags

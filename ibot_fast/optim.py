@@ -1,4 +1,4 @@
-"""Optimizer, gradient clipping, last-layer freezing and the teacher EMA (DESIGN.md §1.5).
+"""Optimizer, gradient clipping, last-layer freezing, the teacher EMA (docs/design.md §1.5).
 
 Parameter groups follow the official rule: no weight decay on biases and on parameters
 with a single dimension (group 1); everything else (group 0) follows the weight-decay

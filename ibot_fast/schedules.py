@@ -1,4 +1,4 @@
-"""Per-iteration schedules, precomputed as arrays (DESIGN.md §1.5).
+"""Per-iteration schedules, precomputed as arrays (docs/design.md §1.5).
 
 lr: linear warm-up from 0 over `warmup_epochs`, then cosine to `min_lr`; weight decay:
 cosine from `weight_decay` to `weight_decay_end`; teacher momentum: cosine from

@@ -1,8 +1,10 @@
 """Triton kernels of the fast path, installed as `ibot_fast.kernels`.
 
-One file per op. Each file holds the kernel(s), plain host functions that launch them, a
-thin autograd wrapper and the public functional; the op's pure-PyTorch twin lives in
-`ibot_fast.reference`. Every public function dispatches on its inputs: CUDA tensors run
+One file per op, holding its kernel(s), plain host functions that launch them, a thin
+autograd wrapper and the public functional; the op's pure-PyTorch twin is the file of the
+same name in `ibot_fast.reference`. `ce_stats.py` holds what the two centred
+cross-entropy ops (`centered_ce.py`, `fused_head.py`) share, `utils.py` the dispatch and
+launch helpers. Every public function dispatches on its inputs: CUDA tensors run
 the Triton kernel; CPU tensors run the kernel under the Triton interpreter when
 `TRITON_INTERPRET=1` is set, else the twin (see `kernels.utils.use_triton`).
 
@@ -15,7 +17,7 @@ import importlib
 _PUBLIC = {
     "centered_softmax_ce": "centered_ce",
     "centered_softmax_ce_and_colsum": "centered_ce",
-    "fused_head_ce": "centered_ce",
+    "fused_head_ce": "fused_head",
     "gather_masked": "masked_gather",
     "ema_": "ema",
     "foreach_ema_": "ema",

@@ -1,4 +1,4 @@
-"""Small helpers shared by the kernel files: when to launch Triton, block sizes."""
+"""Small helpers shared by the kernel files: when to launch Triton, block sizes, grids."""
 import functools
 import os
 
@@ -45,6 +45,21 @@ def check_interpreter() -> None:
         raise RuntimeError(
             f"the Triton {triton.__version__} interpreter cannot run with numpy "
             f"{np.__version__}: install numpy<2.4 (as `make test` does) or a newer triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device, per_sm: int) -> int:
+    """Programs a grid should have to fill the device: `per_sm` per SM on a GPU. Under the
+    interpreter (which runs programs one after another) 16, small, and still enough to
+    exercise the code paths that split work across programs."""
+    if device.type == "cuda":
+        return per_sm * _sm_count(device.index if device.index is not None else
+                                  torch.cuda.current_device())
+    return 16
 
 
 def next_power_of_2(n: int) -> int:

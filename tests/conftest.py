@@ -22,7 +22,7 @@ if not HAS_CUDA:
 
 # Import every kernel now, while TRITON_INTERPRET is what it will stay: a kernel first
 # imported under another setting would be built for the wrong target.
-for _name in ("centered_ce", "masked_gather", "ema", "adamw_ema"):
+for _name in ("centered_ce", "fused_head", "masked_gather", "ema", "adamw_ema"):
     importlib.import_module(f"ibot_fast.kernels.{_name}")
 
 # Two cores on CI: keep torch from oversubscribing them.
@@ -60,6 +60,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled tensors: an element a kernel forgets to write shows."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ Small images (48 px sources, 32 px global / 16 px local crops) and small batches
 whole module to seconds on two cores. What is checked:
 - the batch format of `cpu.Collate` (shapes, dtypes, ranges, crop-major order, labels);
 - the draws: the same numbers as `cpu.MultiCropAugmentation` for the same image and seed,
-  and their frequencies / crop areas within sampling error of DESIGN.md §1.1;
+  and their frequencies / crop areas within sampling error of docs/design.md §1.1;
 - that DALI applies them: every crop against a numpy rendering of its draws, and, on
   controlled images, flips, grayscale, jitter and solarisation read back from the pixels;
 - sharding, epoch coverage and resume; corrupt files; masks; webdataset shards.
@@ -31,7 +31,7 @@ from ibot_fast.masking import (BlockMaskSampler, StratifiedMaskSampler, masked_i
                                sampler_from_config)
 
 KINDS = ("flip", "jitter", "gray", "blur", "solarize")
-# §1.1 per crop: global 1, global 2, local
+# docs/design.md §1.1, per crop: global 1, global 2, local
 EXPECTED = {"flip": (0.5, 0.5, 0.5), "jitter": (0.8, 0.8, 0.8), "gray": (0.2, 0.2, 0.2),
             "blur": (1.0, 0.1, 0.5), "solarize": (0.0, 0.2, 0.0)}
 

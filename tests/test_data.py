@@ -57,7 +57,7 @@ def test_augmentation_is_a_function_of_the_seed():
 
 
 def test_augmentation_probabilities():
-    """Per-crop frequencies match DESIGN.md §1.1 within sampling error (n = 3000)."""
+    """Per-crop frequencies match docs/design.md §1.1 within sampling error (n = 3000)."""
     aug = MultiCropAugmentation(16, 8, 2, (0.14, 1.0), (0.05, 0.4))
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8))
     rng = random.Random(123)

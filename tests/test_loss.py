@@ -1,4 +1,4 @@
-"""IBOTLoss against the loop-written §1.4 computation (ibot_fast.reference.loss)."""
+"""IBOTLoss against the loop-written docs/design.md §1.4 (ibot_fast.reference.loss)."""
 import numpy as np
 import pytest
 import torch

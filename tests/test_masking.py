@@ -1,4 +1,4 @@
-"""Mask samplers (DESIGN.md §1.2): ratios, counts, block shape, stratified totals."""
+"""Mask samplers (docs/design.md §1.2): ratios, counts, block shape, stratified totals."""
 import random
 
 import numpy as np

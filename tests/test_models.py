@@ -1,4 +1,4 @@
-"""ViT backbone and iBOT head (DESIGN.md §1.3)."""
+"""ViT backbone and iBOT head (docs/design.md §1.3)."""
 import math
 
 import pytest

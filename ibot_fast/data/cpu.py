@@ -1,4 +1,4 @@
-"""The CPU data path: PIL multi-crop augmentation, masks, batching (DESIGN.md §1.1).
+"""The CPU data path: PIL multi-crop augmentation, masks, batching (docs/design.md §1.1).
 
 Every crop: RandomResizedCrop (bicubic), horizontal flip p=0.5, colour jitter
 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in random order) with p=0.8,

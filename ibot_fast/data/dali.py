@@ -1,4 +1,4 @@
-"""The DALI data path: decoding and multi-crop augmentation on the GPU (DESIGN.md §1.1).
+"""The DALI data path: decoding and multi-crop augmentation on the GPU (docs/design.md §1.1).
 
     loader = build_dali_loader(cfg, world_size, rank, index_rows, device)
     loader.set_epoch(epoch, start_batch)

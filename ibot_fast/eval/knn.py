@@ -1,4 +1,4 @@
-"""Weighted k-NN classification on frozen features (DESIGN.md §1.6), as in DINO/iBOT.
+"""Weighted k-NN classification on frozen features (docs/design.md §1.6), as in DINO/iBOT.
 
 Features: the backbone's CLS token after the final norm, images resized to 256/224 of
 the crop size and centre-cropped (224 px for ImageNet, 32 px for the digits), then

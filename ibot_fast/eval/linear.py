@@ -1,4 +1,4 @@
-"""Linear probe on frozen features (DESIGN.md §1.6), as in DINO/iBOT's eval_linear.
+"""Linear probe on frozen features (docs/design.md §1.6), as in DINO/iBOT's eval_linear.
 
 Features come from the frozen (teacher) backbone with the k-NN's evaluation transform
 (resize to 256/224 of the crop size, centre crop): the CLS tokens of the last `n_blocks`

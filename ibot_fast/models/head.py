@@ -1,4 +1,4 @@
-"""The iBOT projection head (DESIGN.md §1.3).
+"""The iBOT projection head (docs/design.md §1.3).
 
     tokens -> MLP (dim -> hidden -> hidden -> bottleneck, GELU) -> L2-normalise
            -> CLS token:   last_layer   weight-normalised Linear(bottleneck, K,  no bias)

@@ -1,4 +1,4 @@
-"""Vision Transformer backbone (DESIGN.md §1.3), as iBOT uses it.
+"""Vision Transformer backbone (docs/design.md §1.3), as iBOT uses it.
 
 Pre-norm blocks, qkv bias, LayerNorm eps 1e-6, MLP ratio 4, GELU, a CLS token, learned
 position embeddings (bicubic-interpolated for other grid sizes), stochastic depth, and a

@@ -1,6 +1,6 @@
 """Pure-PyTorch twins of `kernels/centered_ce.py`: the truth the kernels are tested against.
 
-iBOT's loss (DESIGN.md section 1.4) is, row by row, a cross-entropy between a centred and
+iBOT's loss (docs/design.md §1.4) is, row by row, a cross-entropy between a centred and
 sharpened teacher distribution and the student's tempered distribution over K outputs:
 
     p      = softmax((t - c) / tt)            teacher, no gradient
@@ -54,32 +54,3 @@ def centered_softmax_ce(student, teacher, center, student_temp, teacher_temp, we
     loss, _ = centered_softmax_ce_and_colsum(student, teacher, center, student_temp,
                                              teacher_temp, weight)
     return loss
-
-
-def weight_norm_weight(v, g):
-    """The weight of a weight-normalised Linear: W = g * v / ||v||, norms over each row.
-
-    v: [K, D]; g: [K, 1] (as `torch.nn.utils.weight_norm` stores it) or [K].
-    """
-    v = _wide(v)
-    return _wide(g).reshape(-1, 1) * v / v.norm(dim=1, keepdim=True)
-
-
-def fused_head_ce(student_feat, student_v, student_g, teacher_feat, teacher_v, teacher_g,
-                  center, student_temp, teacher_temp, weight=None):
-    """The head's weight-normalised last layer followed by the loss, unfused.
-
-    student_feat, teacher_feat: [rows, D] (the L2-normalised bottleneck features);
-    student_v, teacher_v: [K, D]; student_g, teacher_g: [K, 1] or [K].
-    Student logits = student_feat @ W_s^T, teacher logits = teacher_feat @ W_t^T, then
-    `centered_softmax_ce_and_colsum`. Returns (loss [rows], colsum [K]), fp32 (fp64 for
-    fp64 inputs). Differentiable with respect to student_feat, student_v and student_g.
-    """
-    _, keep = _keep_rows(weight, student_feat.shape[0], student_feat.device)
-    student_feat = torch.where(keep[:, None], _wide(student_feat), 0.0)
-    student = student_feat @ weight_norm_weight(student_v, student_g).t()
-    with torch.no_grad():
-        teacher_feat = torch.where(keep[:, None], _wide(teacher_feat), 0.0)
-        teacher = teacher_feat @ weight_norm_weight(teacher_v, teacher_g).t()
-    return centered_softmax_ce_and_colsum(student, teacher, center, student_temp,
-                                          teacher_temp, weight)

@@ -1,4 +1,4 @@
-"""The iBOT loss written as loops, straight from DESIGN.md §1.4. Slow and obvious.
+"""The iBOT loss written as loops, straight from docs/design.md §1.4. Slow and obvious.
 
 This is what `ibot_fast.loss.IBOTLoss` is tested against: every image, crop pair and
 patch is visited one at a time.
