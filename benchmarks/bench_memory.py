@@ -174,7 +174,8 @@ def persistent_bytes(trainer) -> int:
         tensors += [p.grad for p in module.parameters() if p.grad is not None]
     for state in trainer.optimizer.state.values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    for flat in (getattr(trainer, "flat_student", None), getattr(trainer, "flat_teacher", None)):
+    for flat in (getattr(trainer.params, "flat_student", None),
+                 getattr(trainer.params, "flat_teacher", None)):
         if flat is not None:
             tensors += tree_flatten([v for k, v in vars(flat).items() if k != "module"])[0]
     storages = {}
@@ -194,7 +195,7 @@ def measure(cfg, device, cuda_policy: bool = False) -> dict:
     trainer = Trainer(cfg)
     batch = synthetic_batch(trainer, cfg, device)
     trainer.train_step(batch, 10, 1)  # optimizer state exists from here on
-    if getattr(trainer, "flat_student", None) is None:
+    if getattr(trainer.params, "flat_student", None) is None:
         trainer.optimizer.zero_grad(set_to_none=True)  # the step allocates them again
     gc.collect()
     base = persistent_bytes(trainer)

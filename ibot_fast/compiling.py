@@ -42,8 +42,7 @@ def resolve_compile(setting: str, device: torch.device):
     if setting == "auto":
         if device.type == "cuda":
             return True, "auto: CUDA device"
-        return False, f"auto: eager on {device.type} (inductor's CPU kernels take longer to " \
-                      "build than a CPU run gains)"
+        return False, f"auto: eager on {device.type}"
     return setting == "true", "configured"
 
 

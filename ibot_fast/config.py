@@ -115,8 +115,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0  # all randomness (data, masks, init) derives from it
     output_dir: str = "runs/ibot"  # checkpoints, config.json, log.jsonl
-    save_every: int = 1  # write checkpoint.pth every N epochs (and checkpointNNNN.pth)
+    save_every: int = 1  # write checkpoint.pth every N epochs (the one before: _previous)
     keep_every: int = 0  # also keep checkpoint{epoch:04d}.pth every N epochs; 0 = never
+    save_every_iters: int = 0  # also write the checkpoint every N iterations; 0 = never
+    trust_pickle: bool = False  # unpickle checkpoint/weights files of any type (runs code!)
     log_every: int = 10  # JSON log line (and the only host syncs) every N iterations
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row
     stop_at_iter: int = 0  # stop (with a checkpoint) after this global iteration; 0 = never
@@ -376,6 +378,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.fsdp_shard_size and cfg.train.parallel != "fsdp":
         raise UserError("train.fsdp_shard_size is for train.parallel=fsdp (HSDP); add "
                         "train.parallel=fsdp or drop the key")
+    if cfg.train.save_every < 1 or cfg.train.save_every_iters < 0 or cfg.train.keep_every < 0:
+        raise UserError("train.save_every must be >= 1, train.save_every_iters and "
+                        "train.keep_every >= 0 (0: off)")
     if cfg.data.n_local < 0 or cfg.train.batch_size < 1 or cfg.train.epochs < 1:
         raise UserError("data.n_local must be >= 0, train.batch_size and train.epochs >= 1")
 

@@ -85,8 +85,9 @@ def timm_spec(cfg) -> tuple:
     return TIMM_MODELS[cfg.model.arch], kwargs
 
 
-def export(checkpoint_path, out, which: str = "teacher") -> tuple:
-    """Write the backbone of a checkpoint for timm; returns (file, sidecar json)."""
+def export(checkpoint_path, out, which: str = "teacher", trusted: bool = False) -> tuple:
+    """Write the backbone of a checkpoint for timm; returns (file, sidecar json).
+    trusted: unpickle whatever the checkpoint holds (ibot_fast/checkpoint.py)."""
     from . import checkpoint
     from .config import from_dict
     from .data.cpu import MEAN, STD
@@ -96,8 +97,8 @@ def export(checkpoint_path, out, which: str = "teacher") -> tuple:
     fmt = {".safetensors": "safetensors", ".pth": "pth", ".pt": "pth"}.get(out.suffix.lower())
     if fmt is None:
         raise UserError(f"--out {out}: use a .safetensors or .pth file name")
-    ckpt = checkpoint.load(checkpoint_path)
-    if "config" not in ckpt or which not in ckpt:
+    ckpt = checkpoint.load(checkpoint_path, trusted=trusted)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or which not in ckpt:
         raise UserError(f"{checkpoint_path} is not an ibot_fast training checkpoint")
     cfg = from_dict(ckpt["config"])
     state = to_timm_state_dict(backbone_state_dict(ckpt[which]))
@@ -137,8 +138,11 @@ def cmd_export(argv) -> int:
     p.add_argument("--checkpoint", required=True, help="ibot_fast checkpoint")
     p.add_argument("--out", required=True, help="FILE.safetensors or FILE.pth")
     p.add_argument("--which", default="teacher", choices=("teacher", "student"))
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle the checkpoint whatever it holds (it can run code: only a "
+                   "file you trust)")
     args = p.parse_args(argv)
-    out, sidecar = export(args.checkpoint, args.out, args.which)
+    out, sidecar = export(args.checkpoint, args.out, args.which, args.trust_pickle)
     meta = json.loads(sidecar.read_text())
     kwargs = ", ".join(f"{k}={v}" for k, v in meta["timm_kwargs"].items())
     print(f"wrote {out} ({args.which} backbone, timm names) and {sidecar}")

@@ -282,14 +282,14 @@ class IBOTLoss(nn.Module):
         reduction overlaps the backward pass. Non-finite statistics leave the centers as
         they were.
         """
+        counts = self.center.new_empty(2)  # filled on the device: no copy from the host
+        counts[0], counts[1] = float(teacher_cls.shape[0]), float(n_patch_rows)
         stats = torch.cat([_fp32(teacher_cls.detach()).sum(0).to(self.center.dtype),
-                           patch_sum.detach().to(self.center.dtype)])
-        counts = [float(teacher_cls.shape[0]), float(n_patch_rows)]
-        work = None
-        if _distributed():
-            work = dist.all_reduce(stats, async_op=True)
-            counts = [c * dist.get_world_size() for c in counts]
-        self._pending = (work, stats, counts)
+                           patch_sum.detach().to(self.center.dtype), counts])
+        # the counts are summed with the statistics: with center2_from=masked and the
+        # i.i.d. sampler each process has its own number of masked rows
+        work = dist.all_reduce(stats, async_op=True) if _distributed() else None
+        self._pending = (work, stats)
         if work is None:
             self.finish_center_update()
 
@@ -297,15 +297,16 @@ class IBOTLoss(nn.Module):
     def finish_center_update(self):
         if self._pending is None:
             return
-        work, stats, (n_cls, n_patch) = self._pending
+        work, stats = self._pending
         self._pending = None
         if work is not None:
             work.wait()
-        K = self.center.numel()
+        K, K2 = self.center.numel(), self.center2.numel()
+        n_cls, n_patch = stats[K + K2], stats[K + K2 + 1].clamp(min=1.0)
         ok = torch.isfinite(stats).all()
         new_c = self.center * self.center_momentum + stats[:K] / n_cls * (1 - self.center_momentum)
         new_c2 = (self.center2 * self.center_momentum2 +
-                  stats[K:] / max(n_patch, 1.0) * (1 - self.center_momentum2))
+                  stats[K:K + K2] / n_patch * (1 - self.center_momentum2))
         # new tensors, not in-place writes: the previous centers may still be saved for
         # the backward pass of this step's loss
         self.center = torch.where(ok, new_c, self.center)

@@ -81,13 +81,6 @@ def clip_gradients(params, max_norm: float, mode: str = "global"):
     return torch.linalg.vector_norm(norms)
 
 
-@torch.no_grad()
-def ema_loop_(teacher: torch.nn.Module, student: torch.nn.Module, m: float) -> None:
-    """The official teacher update, one parameter at a time: t <- m t + (1 - m) s."""
-    for ps, pt in zip(student.parameters(), teacher.parameters()):
-        pt.data.mul_(m).add_((1 - m) * ps.detach().data)
-
-
 def flat_group(name: str, param: torch.Tensor) -> str:
     """Flat-buffer segments for the fast path: the official weight-decay groups, with the
     head's last layer(s) in segments of their own (they are frozen in the first epoch)."""
@@ -104,8 +97,9 @@ class AdamWEMA(torch.optim.Optimizer):
     without). The moments live in flat buffers with the student's layout and the step
     counts per segment; `state_dict` / `load_state_dict` speak torch AdamW's format, so a
     checkpoint moves between this optimizer and `torch.optim.AdamW` in both directions.
-    Set `momentum` (teacher EMA), `frozen_last_layer`, and optionally `grad_scale` (the
-    clipping coefficient, a device scalar) and `found_inf` before each `step()`.
+    `step()` takes the teacher's EMA momentum, whether the last layer is frozen this
+    step, and optionally the clipping coefficient (`grad_scale`, a device scalar) and
+    `found_inf` (a device flag: the step is skipped without a host sync).
     """
 
     def __init__(self, groups, flat_student, flat_teacher, betas=(0.9, 0.999), eps=1e-8,
@@ -116,13 +110,12 @@ class AdamWEMA(torch.optim.Optimizer):
         self.exp_avg, self.exp_avg_sq = flat_student.zeros_like(), flat_student.zeros_like()
         device = next(iter(flat_student.data.values())).device
         self.steps = {seg: torch.zeros((), device=device) for seg in flat_student.segments}
-        self.momentum, self.frozen_last_layer = 0.0, False
-        self.grad_scale, self.found_inf = None, None
         names = {id(p): n for n, p in flat_student.module.named_parameters()}
         self._names = [[names[id(p)] for p in g["params"]] for g in self.param_groups]
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, momentum: float, frozen_last_layer: bool = False,
+             grad_scale=None, found_inf=None):
         from ibot_fast.kernels.adamw_ema import adamw_ema_
         from ibot_fast.kernels.ema import ema_
 
@@ -132,15 +125,15 @@ class AdamWEMA(torch.optim.Optimizer):
             teacher = seg.of(self.teacher.data)
             kind = seg.group.replace("last_", "")
             if kind == "frozen":  # no gradient ever (g under norm_last_layer): EMA only
-                ema_(teacher, seg.of(self.flat.data), self.momentum)
+                ema_(teacher, seg.of(self.flat.data), momentum)
                 continue
             wd = self.param_groups[0 if kind == "decay" else 1]["weight_decay"]
             adamw_ema_(seg.of(self.flat.data), seg.of(self.flat.grad), seg.of(self.exp_avg),
                        seg.of(self.exp_avg_sq), teacher, self.steps[seg], lr=lr,
-                       weight_decay=wd, momentum=self.momentum, beta1=beta1, beta2=beta2,
-                       eps=self.param_groups[0]["eps"], grad_scale=self.grad_scale,
-                       found_inf=self.found_inf,
-                       frozen=self.frozen_last_layer and seg.group.startswith("last_"))
+                       weight_decay=wd, momentum=momentum, beta1=beta1, beta2=beta2,
+                       eps=self.param_groups[0]["eps"], grad_scale=grad_scale,
+                       found_inf=found_inf,
+                       frozen=frozen_last_layer and seg.group.startswith("last_"))
 
     def _slots(self):
         """(index in torch AdamW's state numbering, slot, segment) per optimised param."""

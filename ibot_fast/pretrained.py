@@ -6,9 +6,10 @@ start fresh (it is a new run, unlike `--resume`); student and teacher both start
 the chosen weights, as they start from one initialisation in a fresh run. A resumed run
 does not read the file again.
 
-Files read (the format is recognised from the keys; a torch file is unpickled, so load
-only files you trust, as with `torch.load(weights_only=False)`; it is memory-mapped, so
-the processes of a multi-GPU run do not each hold it whole):
+Files read (the format is recognised from the keys; a torch file is read with
+`torch.load(weights_only=True)` and the types the official checkpoints need, so it cannot
+run code: ibot_fast/checkpoint.py, `train.trust_pickle` for anything else; it is
+memory-mapped, so the processes of a multi-GPU run do not each hold it whole):
 - an ibot_fast checkpoint (`checkpoint.pth`), or the official iBOT / DINO training
   checkpoint: `model.init_which` (teacher by default, the network DINO and iBOT evaluate
   and publish, or student) with its backbone and head (DINO's head, which has no
@@ -47,7 +48,7 @@ _CLASSIFIER = ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias")
 _MASK_TOKEN = ("mask_token", "masked_embed")  # ours, the official iBOT name
 
 
-def _load(path: Path):
+def _load(path: Path, trusted: bool = False):
     """A safetensors file (by its suffix, any case) or a torch.save'd object, mapped
     rather than read whole (each process of a multi-GPU run reads the file)."""
     if path.suffix.lower() == ".safetensors":
@@ -58,7 +59,7 @@ def _load(path: Path):
         except Exception as e:
             raise UserError(f"model.init_from={path} cannot be read as safetensors "
                             f"({type(e).__name__}: {e})") from None
-    return checkpoint.load(path, mmap=True), None
+    return checkpoint.load(path, mmap=True, trusted=trusted), None
 
 
 def _split(state: dict) -> tuple:
@@ -86,13 +87,13 @@ def _tensors(state: dict) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
 
 
-def read_weights(path, which: str = "teacher") -> tuple:
+def read_weights(path, which: str = "teacher", trusted: bool = False) -> tuple:
     """(backbone state, head state ({} when the file has none), what the file was, notes
     for the log)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"model.init_from={path}: no such file")
-    obj, what = _load(path)
+    obj, what = _load(path, trusted)
     if not isinstance(obj, dict):
         raise UserError(f"model.init_from={path} holds a {type(obj).__name__}, not weights")
     notes, other = [], {"teacher": "student", "student": "teacher"}[which]
@@ -177,10 +178,11 @@ def head_mismatch(head: dict, target: dict) -> str:
 
 
 @torch.no_grad()
-def init_networks(student, teacher, path, which: str = "teacher") -> None:
+def init_networks(student, teacher, path, which: str = "teacher",
+                  trusted: bool = False) -> None:
     """Load the weights at `path` into the student (`IBOTNet`: backbone and head), then
     copy the student into the teacher. Before any wrapping, sharding or compiling."""
-    backbone, head, what, notes = read_weights(path, which)
+    backbone, head, what, notes = read_weights(path, which, trusted)
     notes += fit_backbone(backbone, student.backbone.state_dict(), path)
     student.backbone.load_state_dict(backbone)
     target = student.head.state_dict()

@@ -66,7 +66,7 @@ def attention_figure_size(heads: int):
 
 
 def show_attention(checkpoint_path, image_path, out, which: str = "teacher",
-                   size: int = None) -> Path:
+                   size: int = None, trusted: bool = False) -> Path:
     import numpy as np
     from PIL import Image
 
@@ -74,7 +74,7 @@ def show_attention(checkpoint_path, image_path, out, which: str = "teacher",
     from .eval.knn import eval_transform, load_backbone
 
     out = _png_path(out)
-    cfg, backbone = load_backbone(checkpoint_path, which)
+    cfg, backbone = load_backbone(checkpoint_path, which, trusted)
     size = size or cfg.data.global_size
     if size % backbone.patch_size:
         raise UserError(f"--size {size} is not a multiple of the patch size "
@@ -209,6 +209,9 @@ def cmd_show(argv) -> int:
     a.add_argument("--image", required=True)
     a.add_argument("--out", required=True, help="PNG file")
     a.add_argument("--which", default="teacher", choices=("teacher", "student"))
+    a.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle the file whatever it holds (it can run code: only a file "
+                   "you trust)")
     a.add_argument("--size", type=int, default=None,
                    help="crop side in px (default: the run's global crop size)")
     c = sub.add_parser("curves", help="loss terms, lr, teacher temperatures, k-NN")
@@ -216,7 +219,8 @@ def cmd_show(argv) -> int:
     c.add_argument("--out", required=True, help="PNG file")
     args = p.parse_args(argv)
     if args.what == "attention":
-        out = show_attention(args.checkpoint, args.image, args.out, args.which, args.size)
+        out = show_attention(args.checkpoint, args.image, args.out, args.which, args.size,
+                             args.trust_pickle)
     else:
         out = show_curves(args.run, args.out)
     print(f"wrote {out}")

@@ -18,16 +18,19 @@ across nodes.
 Several nodes: add `--nnodes N --node_rank R --master_addr HOST --master_port PORT` to
 torchrun on each node. SLURM: one `srun` task per GPU, no torchrun (ibot_fast/slurm.py;
 examples/slurm_train.sbatch requeues itself at the time limit). Any config key can be
-overridden as `key=value` (see `ibot-fast keys`); `--resume` continues from <output_dir>/checkpoint.pth when it exists
-(or from a path), so the same command restarts a pre-empted job.
+overridden as `key=value` (see `ibot-fast keys`); `--resume` continues from the output
+folder's checkpoint when there is one (or from a path), so the same command restarts a
+pre-empted job.
 
-The step (`Trainer.train_step`) reads top to bottom: schedules, teacher forward, student
-forward, loss, backward + clip + optimizer step, teacher EMA. There is no host
-synchronisation inside a step except on logging steps (every `train.log_every`).
+Layout: `Trainer.train_step` is one iteration, top to bottom; `Trainer.run` is the loop,
+with what ends it and when to save decided in one place (`Trainer.after_step`). How the
+parameters are held (one process or DDP, flat buffers, FSDP) is one object chosen at start
+(ibot_fast/params.py); checkpoint files are ibot_fast/checkpoint.py's `Checkpointer`.
+There is no host synchronisation inside a step except on logging steps.
 """
 import argparse
+import json
 import logging
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -35,26 +38,22 @@ from pathlib import Path
 
 import torch
 
-from . import UserError, checkpoint, dist, fsdp, print_error, slurm
+from . import UserError, checkpoint, dist, print_error, slurm
+from .compiling import compile_backbones, resolve_compile
 from .config import build_config, derived, to_dict
+from .control import Signals, Status
 from .data import build_train_loader
 from .logger import JsonLog, ProgressBar, setup_logging
-from .flat import FlatParams, ema_flat_
 from .loss import build_loss, koleo_loss
-from .compiling import compile_backbones, resolve_compile
 from .masking import buffer_rows, sampler_from_config
-from .models import (ARCHS, MaskedRows, backbone_state_dict, build_backbone,
-                     build_student_teacher)
+from .models import ARCHS, MaskedRows, build_student_teacher
 from .models.attention import Seqs, resolve_backend
-from .optim import (AdamWEMA, build_optimizer, cancel_last_layer_grads, clip_gradients,
-                    ema_loop_, flat_group, last_layer_params, param_groups,
-                    set_hyperparameters)
+from .params import build_params
 from .phases import phase
 from .pretrained import init_networks
 from .schedules import build_schedules
 
 log = logging.getLogger("ibot_fast")
-
 
 
 class TrainingDiverged(UserError):
@@ -66,13 +65,14 @@ def get_args_parser():
         "ibot-fast train", description="iBOT pre-training. Overrides: key=value, e.g. "
         "train.batch_size=64 optim.lr=0.0005 (ibot-fast keys lists every key).")
     p.add_argument("--preset", default=None,
-                   help="demo | vit_small_16_paper | vit_base_16_paper | vit_large_16_paper")
+                   help="demo | vit_small_16_paper | vit_base_16_paper | vit_large_16_paper "
+                   "(and *_dinov2style; ibot-fast keys --help)")
     p.add_argument("--data", default=None,
                    help="ImageFolder root, or webdataset shards (x.tar, a glob, "
                    "train-{0000..0146}.tar): sets data.source and data.path")
     p.add_argument("--output-dir", default=None, help="sets train.output_dir")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from <output_dir>/checkpoint.pth if it exists (else "
+                   help="continue from the output folder's checkpoint if there is one (else "
                    "start), or from the given path")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
@@ -108,13 +108,15 @@ class Trainer:
         self.derived = derived(cfg, self.world_size)
         self.precision = self._resolve_precision()
         self.fast = cfg.train.impl == "fast"
-        self.fuse_ema = self.fast and cfg.optim.fuse_ema
         self.koleo = cfg.loss.koleo_weight > 0
-        self.resuming = bool(resume)
+        self.checkpointer = checkpoint.Checkpointer(
+            self.out_dir, cfg.train.save_every, cfg.train.keep_every,
+            cfg.train.save_every_iters, self.is_main)
+        self.checkpointer.remove_stale_temporaries()
 
-        self.backend = backend = self._build_networks()
+        self.backend = self._build_networks(resuming=bool(resume))
         self.loss = build_loss(cfg).to(self.device)
-        self._build_optimizer()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self._build_data()
 
         self.epoch, self.batch_in_epoch, self.iteration = 0, 0, 0
@@ -123,31 +125,49 @@ class Trainer:
         self.nonfinite_max_run = torch.zeros_like(self.nonfinite_total)
         self.grad_norm = torch.zeros((), device=self.device)  # last step's, before clipping
         self.n_bad_images = 0
-        self.stop_requested = False  # SIGTERM: checkpoint, then exit
-        self.requeue_requested = False  # SIGUSR2: checkpoint, requeue the SLURM job, exit
-        self.save_requested = False  # SIGUSR1: checkpoint, then go on
-        self.saved_at = -1  # the iteration of the last checkpoint this process wrote
+        self.signals = Signals()
         self.json_log = JsonLog(self.out_dir / "log.jsonl", enabled=self.is_main)
         if resume:
-            self.load(self.out_dir / "checkpoint.pth" if resume == "auto" else Path(resume))
+            self.load(None if resume == "auto" else Path(resume))
         log.info("iBOT %s: %s, %d process(es)%s, device %s, precision %s, attention %s, "
                  "global batch %d, lr %.3g, %d iterations/epoch",
-                 cfg.train.impl, cfg.model.arch, self.world_size,
-                 self._parallel_name(),
-                 self.device, self.precision,
-                 backend, self.derived["global_batch"], self.derived["lr"],
-                 self.iters_per_epoch)
+                 cfg.train.impl, cfg.model.arch, self.world_size, self._parallel_name(),
+                 self.device, self.precision, self.backend, self.derived["global_batch"],
+                 self.derived["lr"], self.iters_per_epoch)
+
+    # -- what the trainer holds -------------------------------------------------------------
+
+    @property
+    def student(self):  # what the step calls (DDP-wrapped across processes)
+        return self.params.student
+
+    @property
+    def student_module(self):  # the student itself
+        return self.params.student_module
+
+    @property
+    def teacher(self):
+        return self.params.teacher
+
+    @property
+    def optimizer(self):
+        return self.params.optimizer
+
+    @property
+    def sharded(self) -> bool:
+        return hasattr(self.params, "mesh")
 
     def _parallel_name(self) -> str:
-        if self.mesh is not None and self.mesh.ndim == 2:
-            replicas, shards = self.mesh.shape
+        mesh = getattr(self.params, "mesh", None)
+        if mesh is not None and mesh.ndim == 2:
+            replicas, shards = mesh.shape
             return f" (HSDP: {replicas} replicas of {shards} shards" + (
                 "; nothing is sharded: DDP keeps less)" if shards == 1 else ")")
-        return " (FSDP)" if self.sharded else " (DDP)" if self.world_size > 1 else ""
+        return " (FSDP)" if mesh is not None else " (DDP)" if self.world_size > 1 else ""
 
-    def _build_networks(self) -> str:
-        """Student (DDP-wrapped or FSDP-sharded across processes) and teacher; returns the
-        attention backend."""
+    def _build_networks(self, resuming: bool) -> str:
+        """Student and teacher, placed, wrapped or sharded, with their optimizer
+        (`self.params`) and compiled blocks; returns the attention backend."""
         cfg = self.cfg
         arch = ARCHS[cfg.model.arch]
         backend = resolve_backend(cfg.model.attention, self.device, arch["heads"],
@@ -155,40 +175,19 @@ class Trainer:
                                   low_precision=self.precision in ("bf16", "fp16"))
         torch.manual_seed(cfg.train.seed)  # same initial weights on every process
         student, teacher = build_student_teacher(cfg, backend)
-        if cfg.model.init_from and not self.resuming:  # pre-trained weights for both (a
+        if cfg.model.init_from and not resuming:  # pre-trained weights for both (a
             # resumed run has its own: the file may be gone by then)
-            init_networks(student, teacher, cfg.model.init_from, cfg.model.init_which)
-        self.sharded = cfg.train.parallel == "fsdp" and self.world_size > 1
-        if self.sharded:
-            fsdp.check_config(cfg, self.precision, self.device, self.world_size)
-            # not moved here: fully_shard moves each unit's shards to the device, so no
-            # whole copy of a network lands there
-            self.student_module, self.teacher = student, teacher
-        else:
-            if cfg.train.parallel == "fsdp":
-                log.info("train.parallel=fsdp with one process: nothing to shard")
-            self.student_module = student.to(self.device)
-            self.teacher = teacher.to(self.device)
-        self.flat_student = self.flat_teacher = None
-        if self.fast and not self.sharded:  # parameters as views into flat buffers:
-            # one-launch EMA / clipping (FSDP shards its own way: fsdp.py)
-            self.flat_student = FlatParams(self.student_module, flat_group)
-            self.flat_teacher = FlatParams(self.teacher, like=self.flat_student, grads=False)
-        self.student = self.student_module
-        self.mesh = None
-        if self.sharded:  # in place: the parameters become DTensor shards
-            self.mesh = fsdp.build_mesh(self.device, cfg.train.fsdp_shard_size)
-            fsdp.shard_networks(self.student_module, self.teacher, self.mesh,
-                                param_dtype=torch.bfloat16 if self.precision == "bf16" else None,
-                                reshard_after_forward=cfg.train.fsdp_reshard_after_forward)
-        elif self.world_size > 1:
-            self.student = torch.nn.parallel.DistributedDataParallel(
-                self.student_module, device_ids=[self.device] if self.device.type == "cuda"
-                else None, broadcast_buffers=False)
+            init_networks(student, teacher, cfg.model.init_from, cfg.model.init_which,
+                          trusted=cfg.train.trust_pickle)
+        if cfg.train.parallel == "fsdp" and self.world_size == 1:
+            log.info("train.parallel=fsdp with one process: nothing to shard")
+        if self.fast and cfg.optim.fuse_ema and (cfg.optim.name != "adamw" or
+                                                self.precision == "fp16"):
+            raise UserError("optim.fuse_ema=true needs optim.name=adamw and bf16/fp32")
+        self.params = build_params(cfg, student, teacher, self.device, self.world_size,
+                                   self.precision, self.fast)
         self.compiled = self._compile()
         torch.manual_seed(cfg.train.seed + self.rank)  # stochastic depth differs by process
-        self.last_layer = last_layer_params(self.student_module)
-        self.student_params = [p for p in self.student_module.parameters() if p.requires_grad]
         return backend
 
     def _compile(self) -> bool:
@@ -217,19 +216,6 @@ class Trainer:
                                device=self.device), seqs
         return torch.empty(n_global, d["n_patches"] + 1, backbone.embed_dim, dtype=dtype,
                            device=self.device), None
-
-    def _build_optimizer(self):
-        cfg = self.cfg
-        if self.fuse_ema:
-            if cfg.optim.name != "adamw" or self.precision == "fp16":
-                raise UserError("optim.fuse_ema=true needs optim.name=adamw and bf16/fp32")
-            self.optimizer = AdamWEMA(param_groups(self.student_module), self.flat_student,
-                                      self.flat_teacher, cfg.optim.betas,
-                                      weight_decay=cfg.optim.weight_decay)
-        else:
-            self.optimizer = build_optimizer(cfg, self.student_module,
-                                             fused=self.fast and cfg.optim.name == "adamw")
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def _build_data(self):
         cfg = self.cfg
@@ -266,171 +252,95 @@ class Trainer:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    # -- one step ------------------------------------------------------------------------
+    # -- one step ----------------------------------------------------------------------------
 
     def train_step(self, batch, it: int, epoch: int) -> dict:
+        """One iteration: schedules, teacher forward, student forward, loss, backward,
+        clip, optimizer step, teacher update. Returns the loss terms (device tensors)."""
+        o = self.cfg.optim
         hp = self.sched.at(it)
-        set_hyperparameters(self.optimizer, hp["lr"], hp["wd"])
         with phase("data"):
             global_crops, local_crops, masks = (batch[k].to(self.device, non_blocking=True)
                                                 for k in ("globals", "locals", "masks"))
-        if self.fast:
-            losses = self.forward_masked(batch, global_crops, local_crops, masks, epoch)
-        else:
-            losses = self.forward_full(global_crops, local_crops, masks, epoch)
-        self.backward_and_step(losses["loss"], epoch, hp["momentum"])
-        if not self.fuse_ema:
-            with phase("ema"):
-                self.update_teacher(hp["momentum"])
-        return losses
-
-    def forward_full(self, global_crops, local_crops, masks, epoch) -> dict:
-        """Official path: heads on every token, eager loss."""
+            masked = self.masked_rows(batch, masks)  # None on the official full-token path
         with self.autocast():
             with phase("teacher"), torch.no_grad():
-                teacher_cls, teacher_patch = self.teacher(global_crops)
+                teacher = self.teacher_forward(global_crops, masked)
             with phase("student"):
-                student_cls, student_patch, *cls_tokens = self.student(
-                    global_crops, masks, local_crops, global_cls=self.koleo)
+                student = self.student_forward(global_crops, masks, local_crops, masked)
         with phase("loss"):
-            losses = self.loss(student_cls, student_patch, teacher_cls, teacher_patch, masks,
-                               epoch)
-            if self.koleo:
-                self.add_koleo(losses, cls_tokens[0])
-        return losses
-
-    def add_koleo(self, losses: dict, tokens: torch.Tensor) -> None:
-        """DINOv2's KoLeo term on the student's backbone CLS tokens of the global crops
-        [2B, dim], each crop's over this process's images (loss.koleo_weight; in place:
-        `koleo`, `loss`)."""
-        koleo = sum(koleo_loss(crop) for crop in tokens.chunk(2))
-        losses["koleo"] = koleo
-        losses["loss"] = losses["loss"] + self.cfg.loss.koleo_weight * koleo
-
-    def forward_masked(self, batch, global_crops, local_crops, masks, epoch) -> dict:
-        """Fast path: the heads see [CLS tokens ; masked patch tokens] only (issue 4)."""
-        count = batch["mask_count"]
-        masked = MaskedRows.from_masks(masks, batch["mask_index"].to(self.device), count,
-                                       batch["mask_index"].numel())
-        fused = self.cfg.loss.fused_last_layer
-        with self.autocast():
-            with phase("teacher"):
-                teacher_cls, teacher_patch, patch_sum = self.teacher.forward_teacher_masked(
-                    global_crops, masked, self.cfg.loss.center2_from, patch_features=fused)
-            with phase("student"):
-                student_cls, student_patch, *cls_tokens = self.student(
-                    global_crops, masks, local_crops, masked=masked, patch_features=fused,
-                    global_cls=self.koleo)
-        last_layers = None
-        if fused:
-            s_last = self.student_module.head.last_layer2
-            t_last = self.teacher.head.last_layer2
-            last_layers = ((s_last.weight_v, s_last.weight_g), (t_last.weight_v, t_last.weight_g))
-        with phase("loss"):
-            losses = self.loss.forward_masked(student_cls, student_patch, teacher_cls,
-                                              teacher_patch, masked.weight, count, epoch,
-                                              patch_sum, last_layers)
-            if self.koleo:
-                self.add_koleo(losses, cls_tokens[0])
-        return losses
-
-    def backward_and_step(self, loss: torch.Tensor, epoch: int, momentum: float) -> None:
-        """Backward, drop frozen last-layer grads, clip, and step unless non-finite."""
-        frozen = epoch < self.cfg.optim.freeze_last_layer
-        if self.flat_student is not None:
-            self.flat_student.zero_grad()  # keeps .grad as views into the flat buffer
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+            losses = self.loss_terms(student, teacher, masks, masked, batch, epoch)
+        self.params.zero_grad()
         with phase("backward"):
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self.scaler.scale(losses["loss"]).backward()
         with phase("optimizer"):
-            self.clip_and_step(loss, frozen, momentum)
+            self.grad_norm = self.params.clip_(self.scaler, o.clip_grad, o.clip_mode)
+            skip = self.count_nonfinite(losses["loss"], self.grad_norm)
+            self.params.step(hp["lr"], hp["wd"], hp["momentum"],
+                             epoch < o.freeze_last_layer, skip, self.scaler)
+        with phase("ema"):
+            self.params.update_teacher(hp["momentum"])
+        return losses
 
-    def clip_and_step(self, loss: torch.Tensor, frozen: bool, momentum: float) -> None:
-        """In the official order: unscale, clip (the frozen last layer's gradients count
-        in a global norm), drop the frozen last layer's gradients, step."""
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = self.grad_norm = self.clip_gradients()
-        if frozen:
-            cancel_last_layer_grads(self.last_layer)
+    def masked_rows(self, batch, masks):
+        """The fast path's masked patch tokens as rows of a fixed-size buffer."""
+        if not self.fast:
+            return None
+        index = batch["mask_index"]
+        return MaskedRows.from_masks(masks, index.to(self.device), batch["mask_count"],
+                                     index.numel())
+
+    def teacher_forward(self, global_crops, masked):
+        if masked is None:  # official: heads on every token
+            return self.teacher(global_crops)
+        return self.teacher.forward_teacher_masked(
+            global_crops, masked, self.cfg.loss.center2_from,
+            patch_features=self.cfg.loss.fused_last_layer)
+
+    def student_forward(self, global_crops, masks, local_crops, masked):
+        if masked is None:
+            return self.student(global_crops, masks, local_crops)
+        return self.student(global_crops, masks, local_crops, masked=masked,
+                            patch_features=self.cfg.loss.fused_last_layer)
+
+    def loss_terms(self, student, teacher, masks, masked, batch, epoch) -> dict:
+        """The iBOT loss (and DINOv2's KoLeo term when loss.koleo_weight > 0)."""
+        if masked is None:
+            losses = self.loss(student.cls, student.patch, teacher.cls, teacher.patch, masks,
+                               epoch)
+        else:
+            last_layers = None
+            if self.cfg.loss.fused_last_layer:  # the fused last layer + loss kernel reads them
+                s, t = self.student_module.head.last_layer2, self.teacher.head.last_layer2
+                last_layers = ((s.weight_v, s.weight_g), (t.weight_v, t.weight_g))
+            losses = self.loss.forward_masked(student.cls, student.patch, teacher.cls,
+                                              teacher.patch, masked.weight,
+                                              batch["mask_count"], epoch, teacher.patch_sum,
+                                              last_layers)
+        if self.koleo:  # per global crop, over this process's images
+            koleo = sum(koleo_loss(crop) for crop in student.backbone_cls.chunk(2))
+            losses["koleo"] = koleo
+            losses["loss"] = losses["loss"] + self.cfg.loss.koleo_weight * koleo
+        return losses
+
+    def count_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """A device flag: this step's loss or gradient norm is not finite on some process
+        (then every process skips the step); the counters stay on the device."""
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
-        if self.world_size > 1:  # every process skips if any process's loss is bad (one
-            # scalar on the device, no host sync; the norm alone agrees only when clipping)
+        if self.world_size > 1:  # one scalar, no host sync
             bad = dist.all_reduce_(bad.float(), op=torch.distributed.ReduceOp.MAX) > 0
-        if self.fuse_ema:  # AdamW + EMA in one pass; clipping folded in as grad_scale
-            self.optimizer.momentum, self.optimizer.frozen_last_layer = momentum, frozen
-            self.optimizer.found_inf = bad.float()
-            self.optimizer.step()
-        elif self.scaler:  # GradScaler skips steps with inf/nan gradients itself
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        elif getattr(self.optimizer, "_step_supports_amp_scaling", False):
-            self.optimizer.found_inf = bad.float()  # fused AdamW skips on device, no sync
-            self.optimizer.step()
-            del self.optimizer.found_inf
-        elif not bad.item():  # other optimizers: one host sync
-            self.optimizer.step()
         self.nonfinite_total += bad
         self.nonfinite_run = (self.nonfinite_run + 1) * bad
         self.nonfinite_max_run = torch.maximum(self.nonfinite_max_run, self.nonfinite_run)
+        return bad
 
-    def clip_gradients(self) -> torch.Tensor:
-        """Global-norm (or official per-parameter) clipping; returns the norm, no sync.
-
-        Flat buffers: one norm and one scale per buffer; with the fused AdamW + EMA step
-        the scale is not applied here but read by the kernel (`grad_scale`).
-        """
-        o = self.cfg.optim
-        if o.clip_grad <= 0:
-            return torch.zeros((), device=self.device)
-        if self.sharded:
-            return fsdp.clip_gradients_sharded(self.student_params, o.clip_grad, o.clip_mode,
-                                               self.mesh)
-        if self.flat_student is None or o.clip_mode != "global":
-            return clip_gradients(self.student_params, o.clip_grad, o.clip_mode)
-        grads = list(self.flat_student.grad.values())
-        norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))
-        scale = torch.clamp(o.clip_grad / (norm + 1e-6), max=1.0)
-        if self.fuse_ema:
-            self.optimizer.grad_scale = scale
-        else:
-            for g in grads:
-                g.mul_(scale.to(g.dtype))
-        return norm
-
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        if self.flat_teacher is not None:
-            ema_flat_(self.flat_teacher, self.flat_student, momentum)  # one launch per dtype
-        elif self.sharded:
-            fsdp.ema_sharded_(self.teacher, self.student_module, momentum)  # local shards
-        else:
-            ema_loop_(self.teacher, self.student_module, momentum)  # the official loop
-
-    # -- the loop ------------------------------------------------------------------------
+    # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> dict:
-        cfg = self.cfg
-        previous = {sig: signal.signal(sig, self._on_signal)
-                    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
         self._write_config()
-        bar = ProgressBar(cfg.train.epochs, self.iters_per_epoch, enabled=self.is_main)
-        status = "finished"
-        try:
-            while self.epoch < cfg.train.epochs:
-                status = self.train_epoch(bar)
-                if status == "epoch":
-                    status = self.end_of_epoch()
-                if status != "epoch":
-                    break
-            else:
-                status = "finished"
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if status == "epoch":
-            status = "finished"
+        bar = ProgressBar(self.cfg.train.epochs, self.iters_per_epoch, enabled=self.is_main)
+        with self.signals:
+            status = self._loop(bar)
         bad_images = self.total_bad_images()
         log.info("training %s at epoch %d, iteration %d (non-finite steps skipped: %d, "
                  "unreadable images skipped: %d)", status, self.epoch, self.iteration,
@@ -438,62 +348,62 @@ class Trainer:
         return {"status": status, "epoch": self.epoch, "iteration": self.iteration,
                 "nonfinite": int(self.nonfinite_total), "bad_images": bad_images}
 
-    def train_epoch(self, bar) -> str:
-        cfg = self.cfg
-        self.loader.set_epoch(self.epoch, self.batch_in_epoch)
-        t_last, it_last = time.time(), self.iteration
-        for batch in self.loader:
-            losses = self.train_step(batch, self.iteration, self.epoch)
-            self.iteration += 1
-            self.batch_in_epoch += 1
-            self.n_bad_images += batch["n_bad"]
-            is_log_step = (self.iteration % cfg.train.log_every == 0 or
-                           self.batch_in_epoch == self.iters_per_epoch)
-            if is_log_step:
-                now = time.time()
-                record = self.log_step(losses, (self.iteration - it_last) / (now - t_last))
-                t_last, it_last = time.time(), self.iteration
-                bar.update(self.epoch, self.batch_in_epoch,
-                           f"loss {record['loss']:.4f}  {record['img_per_s']:.0f} img/s",
-                           force=True)
-            else:
-                bar.update(self.epoch, self.batch_in_epoch, "")
-            # the epoch's last batch: stop_at_iter and signals are acted on by
-            # end_of_epoch, once the epoch is complete
-            last_batch = self.batch_in_epoch == self.iters_per_epoch
-            if cfg.train.stop_at_iter and self.iteration >= cfg.train.stop_at_iter and \
-                    not last_batch:
-                self.save()
-                return "stopped"
-            # signals are acted on at a step boundary; with several processes only on
-            # logging steps, where all of them agree (an all-reduce of the flags)
-            if (self.world_size == 1 or is_log_step) and not last_batch:
-                status = self._act_on_requests()
-                if status:
+    def _loop(self, bar) -> Status:
+        log_every = self.cfg.train.log_every
+        while self.epoch < self.cfg.train.epochs:
+            self.loader.set_epoch(self.epoch, self.batch_in_epoch)
+            t_last, it_last = time.time(), self.iteration
+            for batch in self.loader:
+                losses = self.train_step(batch, self.iteration, self.epoch)
+                self.iteration += 1
+                self.batch_in_epoch += 1
+                self.n_bad_images += batch["n_bad"]
+                epoch_done = self.batch_in_epoch == self.iters_per_epoch
+                logged = self.iteration % log_every == 0 or epoch_done
+                if logged:
+                    now = time.time()
+                    record = self.log_step(losses, (self.iteration - it_last) / (now - t_last))
+                    t_last, it_last = time.time(), self.iteration
+                    bar.update(self.epoch, self.batch_in_epoch,
+                               f"loss {record['loss']:.4f}  {record['img_per_s']:.0f} img/s",
+                               force=True)
+                else:
+                    bar.update(self.epoch, self.batch_in_epoch, "")
+                if epoch_done:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                status = self.after_step(epoch_done, logged)
+                if status is not None:
                     return status
-        return "epoch"
+        return Status.FINISHED
 
-    def end_of_epoch(self) -> str:
-        """The epoch's checkpoint (and kept copy), then its k-NN; returns "epoch" to go
-        on, or the status to stop with: `stop_at_iter` reached or a signal received on
-        the epoch's last batch are acted on here, once the epoch is complete. A signal
-        that stops the run skips the k-NN (pre-emption leaves little time)."""
-        cfg = self.cfg
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        last = self.epoch == cfg.train.epochs
-        stop, requeue, save = (False,) * 3 if last else self._agreed_requests()
-        stopping = not last and bool(cfg.train.stop_at_iter) and \
-            self.iteration >= cfg.train.stop_at_iter
-        keep = cfg.train.keep_every and self.epoch % cfg.train.keep_every == 0
-        if self.epoch % cfg.train.save_every == 0 or last or keep or stop or requeue or \
-                save or stopping:
-            self.save(also=f"checkpoint{self.epoch:04d}.pth" if keep else None)
-        if stop or requeue:
-            return "preempted" if stop else "requeued"
-        if cfg.eval.knn_every and (self.epoch % cfg.eval.knn_every == 0 or last):
+    def after_step(self, epoch_done: bool, logged: bool):
+        """What happens between steps, in one place: whether to stop (a signal,
+        `train.stop_at_iter`), whether to save (`Checkpointer`'s policy, a stop, SIGUSR1),
+        the k-NN at an epoch's end. Returns the status to stop with, or None.
+
+        Signals are read at every step boundary with one process; with several, on
+        logging steps and at epoch ends, where every process reads them (their flags are
+        all-reduced). On the last epoch's end the run finishes whatever arrived."""
+        t = self.cfg.train
+        last = epoch_done and self.epoch == t.epochs
+        stop = requeue = save = False
+        if not last and (self.world_size == 1 or logged or epoch_done):
+            stop, requeue, save = self.signals.agreed(self.world_size, self.device)
+        reached = not last and bool(t.stop_at_iter) and self.iteration >= t.stop_at_iter
+        status = (Status.PREEMPTED if stop else Status.REQUEUED if requeue else
+                  Status.STOPPED if reached else None)
+        ckpt = self.checkpointer
+        keep = ckpt.kept_copy(self.epoch) if epoch_done else None
+        due = ckpt.due_at_epoch_end(self.epoch, last) if epoch_done else \
+            ckpt.due_inside_epoch(self.iteration)
+        if (due or status or save) and ckpt.saved_at != self.iteration:
+            self.save(keep)
+        if status in (Status.PREEMPTED, Status.REQUEUED):
+            return status  # pre-emption leaves little time: no k-NN
+        if epoch_done and t.epochs and self.cfg.eval.knn_every and \
+                (self.epoch % self.cfg.eval.knn_every == 0 or last):
             self.evaluate_knn()
-        return "stopped" if stopping else "epoch"
+        return status
 
     def log_step(self, losses: dict, iters_per_s: float) -> dict:
         """The only host synchronisation of the loop: read the device counters and losses."""
@@ -535,48 +445,11 @@ class Trainer:
             return self.n_bad_images
         return int(dist.all_reduce_(torch.tensor(self.n_bad_images, device=self.device)))
 
-    def _on_signal(self, signum, frame):
-        if signum == signal.SIGTERM:
-            log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
-            self.stop_requested = True
-        elif signum == signal.SIGUSR2:
-            log.warning("SIGUSR2 (the SLURM time limit is near): saving a checkpoint at the "
-                        "next step boundary, then requeueing the job")
-            self.requeue_requested = True
-        else:
-            log.info("SIGUSR1: saving a checkpoint at the next step boundary")
-            self.save_requested = True
-
-    def _act_on_requests(self):
-        """Checkpoint if a signal asked for it; returns the status to stop with
-        ("preempted": SIGTERM, which wins, so scancel never brings a job back;
-        "requeued": SIGUSR2, the command then requeues the job) or None to go on."""
-        stop, requeue, save = self._agreed_requests()
-        if (stop or requeue or save) and self.saved_at != self.iteration:
-            self.save()
-        return "preempted" if stop else "requeued" if requeue else None
-
-    def _agreed_requests(self):
-        """(stop, requeue, save): local flags, or, with several processes, any process's."""
-        flags = (self.stop_requested, self.requeue_requested, self.save_requested)
-        self.save_requested = False
-        if self.world_size == 1:
-            return flags
-        t = torch.tensor([float(f) for f in flags], device=self.device)
-        return tuple(bool(v > 0) for v in dist.all_reduce_(t).tolist())
-
     def whole_teacher_backbone(self, everywhere: bool = False):
         """The teacher's backbone, whole, on rank 0 (None elsewhere; `everywhere`: on
         every process). Under FSDP a copy gathered from the shards: every process must
         call it."""
-        if not self.sharded:
-            return self.teacher.backbone if self.is_main or everywhere else None
-        state = fsdp.full_state_dict(self.teacher, everywhere)
-        if not (self.is_main or everywhere):
-            return None
-        backbone = build_backbone(self.cfg, attention_backend=self.backend)
-        backbone.load_state_dict(backbone_state_dict(state))
-        return backbone.to(self.device)
+        return self.params.teacher_backbone(self.is_main, everywhere)
 
     def evaluate_knn(self):
         from .eval.knn import knn_eval_backbone
@@ -591,24 +464,18 @@ class Trainer:
                                  **{f"knn_top1_k{k}": a for k, a in results.items()}})
         dist.barrier()
 
-    # -- checkpoints ---------------------------------------------------------------------
+    # -- checkpoints -------------------------------------------------------------------------
 
     def network_state_dicts(self) -> dict:
         """Unsharded student, teacher and optimizer state. Under FSDP every process must
         call it (it gathers the shards) and only rank 0 gets the tensors."""
-        if self.sharded:
-            return {"student": fsdp.full_state_dict(self.student_module),
-                    "teacher": fsdp.full_state_dict(self.teacher),
-                    "optimizer": fsdp.optimizer_state_dict(self.optimizer)}
-        return {"student": self.student_module.state_dict(),
-                "teacher": self.teacher.state_dict(),
-                "optimizer": self.optimizer.state_dict()}
+        return self.params.state_dict()
 
     def state_dict(self) -> dict:
         return {
             **self.network_state_dicts(),
             "loss": self.loss.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "iteration": self.iteration, "global_batch": self.derived["global_batch"],
             "config": to_dict(self.cfg),
@@ -618,35 +485,40 @@ class Trainer:
                          "bad_images": self.total_bad_images()},
         }
 
-    def save(self, also: str = None):
-        """checkpoint.pth (and the file `also`, when given). Every process must call it:
-        the RNG states, and under FSDP the shards, are gathered."""
+    def save(self, keep: str = None):
+        """The checkpoint (and the kept copy `keep`, a file name). Every process must call
+        it: the RNG states, and under FSDP the shards, are gathered; a failed write (a
+        full disk) stops every process with the writer's one-line error."""
         state = self.state_dict()
+        error = None
+        try:
+            path = self.checkpointer.save(state, self.iteration, keep)
+        except UserError as e:
+            error = str(e)
+        if self.world_size > 1:
+            error = next((e for e in dist.all_gather_object(error) if e), None)
+        if error:
+            raise UserError(error)
         if self.is_main:
-            path = checkpoint.save(self.out_dir / "checkpoint.pth", state)
-            if also:
-                checkpoint.copy(path, self.out_dir / also)
             log.info("checkpoint: %s (epoch %d, iteration %d)", path, self.epoch, self.iteration)
         dist.barrier()
-        self.saved_at = self.iteration
 
-    def load(self, path: Path):
-        ckpt = checkpoint.load(path, mmap=True)  # no whole copy per process in host memory
-        checkpoint.check_compatible(ckpt, to_dict(self.cfg), path)
-        method, operational = checkpoint.changed_settings(ckpt, to_dict(self.cfg))
+    def load(self, path: Path = None):
+        """Resume from `path`, or (None) from the output folder's latest checkpoint,
+        falling back to the previous one when the latest does not read or fit."""
+        cfg_dict, trusted = to_dict(self.cfg), self.cfg.train.trust_pickle
+        if path is None:
+            path, ckpt = self.checkpointer.load_for_resume(cfg_dict, trusted)
+        else:  # no whole copy per process in host memory
+            ckpt = checkpoint.load(path, mmap=True, trusted=trusted)
+            checkpoint.check_compatible(ckpt, cfg_dict, path)
+        method, operational = checkpoint.changed_settings(ckpt, cfg_dict)
         if method:  # allowed (a longer run, a new lr), but never silent
             log.warning("resuming %s with settings that differ from its own: %s", path,
                         "; ".join(method))
         if operational:
             log.info("resuming %s; changed: %s", path, "; ".join(operational))
-        if self.sharded:  # every process holds the whole checkpoint, keeps its shards
-            fsdp.load_full_state_dict(self.student_module, ckpt["student"])
-            fsdp.load_full_state_dict(self.teacher, ckpt["teacher"])
-            fsdp.load_optimizer_state_dict(self.optimizer, ckpt["optimizer"])
-        else:
-            self.student_module.load_state_dict(ckpt["student"])
-            self.teacher.load_state_dict(ckpt["teacher"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.params.load_state_dict(ckpt)
         # what stays on the CPU (optimizer steps; every moment of a CPU run) would still
         # read the mapped file, keeping it on disk after the next save replaces it
         for state in self.optimizer.state.values():
@@ -654,7 +526,7 @@ class Trainer:
                 if torch.is_tensor(value) and value.device.type == "cpu":
                     state[key] = value.clone()
         self.loss.load_state_dict(ckpt["loss"])
-        if self.scaler and ckpt.get("scaler"):
+        if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self._restore_position(ckpt, path)
         rng = ckpt["rng"]
@@ -666,6 +538,7 @@ class Trainer:
         self.nonfinite_total.fill_(counters.get("nonfinite_total", 0))
         self.nonfinite_run.fill_(counters.get("nonfinite_run", 0))
         self.n_bad_images = counters.get("bad_images", 0) if self.is_main else 0
+        self.checkpointer.saved_at = self.iteration
         log.info("resumed from %s at epoch %d, iteration %d", path, self.epoch, self.iteration)
 
     def _restore_position(self, ckpt: dict, path) -> None:
@@ -682,7 +555,7 @@ class Trainer:
         self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
         self.iteration = ckpt["iteration"]
         batch, per_epoch = self.derived["global_batch"], self.iters_per_epoch
-        # absent before 2026-11-23: the batch per process times the processes (RNG states)
+        # a checkpoint without global_batch: the batch per process x the processes
         saved = ckpt.get("global_batch") or \
             ckpt["config"]["train"]["batch_size"] * len(ckpt.get("rng") or [None])
         if self.iteration != self.epoch * per_epoch + self.batch_in_epoch or saved != batch:
@@ -704,8 +577,6 @@ class Trainer:
 
     def _write_config(self):
         if self.is_main:
-            import json
-
             self.out_dir.mkdir(parents=True, exist_ok=True)
             resolved = {**to_dict(self.cfg), "derived": self.derived,
                         "precision": self.precision}
@@ -721,16 +592,18 @@ def train(cfg, resume=None) -> dict:
 
 
 def resume_choice(cfg, resume):
-    """`--resume` (no path) continues <output_dir>/checkpoint.pth when there is one and
-    starts a new run when there is none, so one command serves a job's first start and
-    its requeues after pre-emption. Without `--resume`, an output folder that already
+    """`--resume` (no path) continues the output folder's checkpoint when there is one
+    and starts a new run when there is none, so one command serves a job's first start
+    and its requeues after pre-emption. Without `--resume`, an output folder that already
     holds a checkpoint is an error: a new run would overwrite it."""
-    ckpt = Path(cfg.train.output_dir) / "checkpoint.pth"
-    if resume == "auto" and not ckpt.is_file():
+    folder = checkpoint.Checkpointer(cfg.train.output_dir)
+    ckpt = folder.latest
+    existing = next((p for p in (ckpt, folder.previous) if p.is_file()), None)
+    if resume == "auto" and existing is None:
         log.info("--resume: no checkpoint in %s yet, starting a new run", ckpt.parent)
         return None
-    if resume is None and ckpt.is_file():
-        raise UserError(f"{ckpt} holds an earlier run: add --resume to continue it, or "
+    if resume is None and existing is not None:
+        raise UserError(f"{existing} holds an earlier run: add --resume to continue it, or "
                         "pass another --output-dir (nothing was written)")
     if resume not in (None, "auto") and ckpt.is_file() and \
             Path(resume).resolve() != ckpt.resolve():
@@ -777,13 +650,14 @@ def main(argv=None):
         cfg = config_from_args(args)
         rank, world_size, _ = dist.init(cfg.train.device)
         setup_logging(rank == 0)  # resume_choice says what it chose
-        result = train(cfg, agreed_resume_choice(cfg, args.resume, world_size))
-        if result["status"] == "requeued":
-            if slurm.job_id() is None:  # SIGUSR2 by hand: nothing to requeue
-                result["status"] = "stopped"
-            if not slurm.requeue_job():
-                result["status"] = "not requeued"  # the checkpoint is saved; exit 1 tells
-        code = 0 if result["status"] in ("finished", "stopped", "preempted", "requeued") else 1
+        status = train(cfg, agreed_resume_choice(cfg, args.resume, world_size))["status"]
+        if status is Status.REQUEUED:
+            requeued = slurm.requeue_job()  # outside SLURM (SIGUSR2 by hand): only says so
+            if slurm.job_id() is None:
+                status = Status.STOPPED
+            elif not requeued:
+                status = Status.NOT_REQUEUED  # the checkpoint is saved; exit 1 tells
+        code = status.exit_code
     except UserError as e:
         print_error(e)
         code = 2

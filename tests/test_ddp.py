@@ -1,6 +1,7 @@
 """Two CPU processes (gloo), DDP or FSDP2, against one process with the same global batch
 (on the CPU also where a GPU is present: train.device=cpu)."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -94,8 +95,9 @@ def assert_same_run(saved: dict, other: dict, lr_bound: float) -> None:
         if key.endswith("qkv.bias"):
             q, _, v = diff.chunk(3)
             diff, value = torch.cat([q, v]), torch.cat([value.chunk(3)[0], value.chunk(3)[2]])
-        off = (diff > 1e-5 + 1e-4 * value.abs()).float().mean().item()
-        assert off <= 1e-3, f"student {key}: {off:.2%} of the elements differ"
+        off = int((diff > 1e-5 + 1e-4 * value.abs()).sum())
+        allowed = max(1, math.ceil(1e-3 * value.numel()))  # a small tensor may have one
+        assert off <= allowed, f"student {key}: {off} of {value.numel()} elements differ"
     torch.testing.assert_close(saved["center"], other["center"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(saved["center2"], other["center2"], rtol=1e-4, atol=1e-5)
 
@@ -118,6 +120,9 @@ def assert_moved(before: dict, after: dict, at_least=1e-3) -> None:
     ("reference", []),
     ("fast", []),
     ("fast", ["model.activation_checkpointing=selective"]),  # DDP with checkpointed blocks
+    # the paper presets' fused AdamW + EMA; center2 from the masked rows, whose count
+    # differs between processes under the i.i.d. sampler (summed with the statistics)
+    ("fast", ["optim.fuse_ema=true", "loss.center2_from=masked"]),
     # FSDP2: the reference path runs each block twice per forward (global, local crops)
     ("reference", FSDP),
     ("fast", FSDP),
@@ -281,7 +286,7 @@ def test_fsdp_checkpoint_resumes_anywhere_and_knn(tmp_path):
     assert ckpt["optimizer"]["param_groups"][0]["params"] == \
         reference["optimizer"]["param_groups"][0]["params"]
     n_params = sum(len(g["params"]) for g in reference["optimizer"]["param_groups"])
-    n_last = len(one.last_layer)  # frozen in epoch 0: AdamW has no state for them yet
+    n_last = len(one.params.last_layer)  # frozen in epoch 0: AdamW has no state for them yet
     assert sorted(ckpt["optimizer"]["state"]) == \
         sorted(set(range(n_params)) - {i for i in range(n_params)
                                        if i in _last_layer_indices(one)})
@@ -300,7 +305,9 @@ def test_fsdp_checkpoint_resumes_anywhere_and_knn(tmp_path):
         expected = knn_eval_backbone(one.cfg, backbone, torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
-    assert abs(knn[0]["knn_top1_k20"] - expected[20]) <= 0.2
+    # the same features up to summation order: at most one of the 360 held-out digits
+    # may vote otherwise (ties of neighbours' similarities are within an fp32 ulp)
+    assert abs(knn[0]["knn_top1_k20"] - expected[20]) <= 100 / 360 + 1e-6
 
     # resume under FSDP and in one process: the same four steps
     later = ["train.stop_at_iter=4"]
@@ -321,7 +328,7 @@ def test_fsdp_checkpoint_resumes_anywhere_and_knn(tmp_path):
 
 def _last_layer_indices(trainer) -> set:
     """Indices (torch's optimizer numbering) of the head's last-layer parameters."""
-    last = {id(p) for p in trainer.last_layer}
+    last = {id(p) for p in trainer.params.last_layer}
     params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     return {i for i, p in enumerate(params) if id(p) in last}
 

@@ -135,7 +135,10 @@ def test_round_trip_gives_the_same_features(models, tmp_path, ext, monkeypatch):
         monkeypatch.undo()
         reloaded.load_state_dict(from_timm_state_dict(state, kwargs["embed_dim"]), assign=True)
         with torch.no_grad():
-            torch.testing.assert_close(reloaded.eval()(m["x"]), m["tokens"], rtol=0, atol=0)
+            # the same weights (a swapped tensor is off by ~1e-2); summation order may
+            # differ with the buffers' alignment
+            torch.testing.assert_close(reloaded.eval()(m["x"]), m["tokens"], rtol=1e-6,
+                                       atol=1e-6)
 
 
 def test_export_errors(tmp_path):

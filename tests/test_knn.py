@@ -1,4 +1,5 @@
 """Weighted k-NN (DINO's protocol) against a loop, and the demo run against random init."""
+import re
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,15 @@ def test_the_knn_command_under_torchrun_splits_the_images(tmp_path, capsys):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = [line for line in proc.stdout.splitlines() if line.startswith("k-NN top-1")]
-    assert printed == [single]
+    assert len(printed) == 1  # printed once, by rank 0
+    # the same accuracies, up to one of the 360 held-out images (neighbour similarities
+    # tie within an fp32 ulp on random-init features: the shards' summation order may
+    # break a tie otherwise)
+    accuracies = [[float(a.rstrip("%")) for a in re.findall(r"k=\d+: +([\d.]+%)", line)]
+                  for line in (single, printed[0])]
+    assert len(accuracies[0]) == len(accuracies[1]) == 4
+    for one, two in zip(*accuracies):
+        assert abs(one - two) <= 100 / 360 + 0.01
 
 
 @pytest.mark.gpu

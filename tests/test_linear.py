@@ -148,7 +148,14 @@ def test_linear_probe_beats_random_init_knn_on_digits(capsys):
         print(f"\n  digits, random-init demo ViT: linear top-1 {r['best_top1']:.1f}% "
               f"(lr {r['best_lr']}) vs k-NN {max(knn.values()):.1f}% (best k)")
     assert r["best_top1"] > max(knn.values()) + 15
-    assert len(set(r["top1"])) == 3
+    # three classifiers, each trained at its own lr (their accuracies may tie on some
+    # CPUs: assert what the code promises, not which lr wins by one image)
+    weights = r["classifiers"].weight.detach()
+    assert len(r["top1"]) == 3 and all((weights[i] - weights[j]).abs().max() > 1e-3
+                                       for i in range(3) for j in range(i + 1, 3))
+    assert r["best_top1"] == max(r["top1"])
+    assert r["best_lr"] == r["lrs"][r["top1"].index(r["best_top1"])]
+    assert r["top1"][0] < r["best_top1"] - 5  # the lr matters: 0.01 is far too small here
 
 
 def save_checkpoint(path, cfg, backbone):

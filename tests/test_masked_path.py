@@ -59,7 +59,7 @@ def masked_path(cfg, student, teacher, g, loc, masks, rows, dtype, center2_from=
     masked = MaskedRows.from_masks(masks, index, count, index.numel(), dtype=dtype)
     t_cls, t_patch, patch_sum = teacher.forward_teacher_masked(g, masked, center2_from,
                                                                patch_features=fused)
-    s_cls, s_patch = student(g, masks, loc, masked=masked, patch_features=fused)
+    s_cls, s_patch, _ = student(g, masks, loc, masked=masked, patch_features=fused)
     last = None
     if fused:
         s_l, t_l = student.head.last_layer2, teacher.head.last_layer2

@@ -137,23 +137,27 @@ def test_residual_fp32_keeps_the_stream_closer_to_fp64():
     fp32, and the backbone's output and gradients are closer to an fp64 run."""
     torch.manual_seed(0)
     truth_model = vit("vit_demo", 32, 4).double()
-    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
-    w = torch.randn(128, dtype=torch.float64)
-    truth = truth_model(x)
-    truth_grad = torch.autograd.grad((truth * w).sum(), truth_model.pos_embed)[0]
-    errors = {}
-    for fp32 in (False, True):
-        model = vit("vit_demo", 32, 4, residual_fp32=fp32)
-        model.load_state_dict(truth_model.state_dict())
-        dtypes = []
-        for block in model.blocks:
-            block.register_forward_hook(lambda mod, i, o: dtypes.append(o.dtype))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x.float())
-        grad = torch.autograd.grad((out.double() * w).sum(), model.pos_embed)[0]
-        assert set(dtypes) == {torch.float32 if fp32 else torch.bfloat16}
-        errors[fp32] = ((out.double() - truth).norm() / truth.norm(),
-                        (grad.double() - truth_grad).norm() / truth_grad.norm())
+    errors = {False: torch.zeros(2), True: torch.zeros(2)}
+    # errors summed over three inputs: one bf16 GEMM's rounding (AVX-512 BF16 or not)
+    # moves a single measurement by ~5%
+    for _ in range(3):
+        x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+        w = torch.randn(128, dtype=torch.float64)
+        truth = truth_model(x)
+        truth_grad = torch.autograd.grad((truth * w).sum(), truth_model.pos_embed)[0]
+        for fp32 in (False, True):
+            model = vit("vit_demo", 32, 4, residual_fp32=fp32)
+            model.load_state_dict(truth_model.state_dict())
+            dtypes = []
+            for block in model.blocks:
+                block.register_forward_hook(lambda mod, i, o: dtypes.append(o.dtype))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x.float())
+            grad = torch.autograd.grad((out.double() * w).sum(), model.pos_embed)[0]
+            assert set(dtypes) == {torch.float32 if fp32 else torch.bfloat16}
+            errors[fp32] += torch.stack([(out.double() - truth).norm() / truth.norm(),
+                                         (grad.double() - truth_grad).norm() /
+                                         truth_grad.norm()]).float()
     assert errors[True][0] < 0.7 * errors[False][0], errors
     assert errors[True][1] <= errors[False][1], errors
     student, teacher = build_student_teacher(build_config("demo", ["model.residual_fp32=true"]))

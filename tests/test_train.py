@@ -75,15 +75,15 @@ def test_global_clipping_counts_the_frozen_last_layer(tmp_path, impl):
     trainer = Trainer(tiny_config(tmp_path, "optim.clip_mode=global", "optim.clip_grad=1e-4",
                                   "optim.freeze_last_layer=1", impl=impl))
     seen = {}
-    clip_and_step = trainer.clip_and_step
+    clip_ = trainer.params.clip_
 
-    def spy(loss, frozen, momentum):
+    def spy(*args):  # the gradients before clipping
         seen["norm"] = torch.linalg.vector_norm(torch.stack(
-            [p.grad.float().norm() for p in trainer.student_params if p.grad is not None]))
-        seen["last_layer"] = [p.grad.float().norm() for p in trainer.last_layer]
-        clip_and_step(loss, frozen, momentum)
+            [p.grad.float().norm() for p in trainer.params.trainable if p.grad is not None]))
+        seen["last_layer"] = [p.grad.float().norm() for p in trainer.params.last_layer]
+        return clip_(*args)
 
-    trainer.clip_and_step = spy
+    trainer.params.clip_ = spy
     before = params(trainer.student_module)
     trainer.loader.set_epoch(0)
     trainer.train_step(next(iter(trainer.loader)), 1, 0)
@@ -263,34 +263,34 @@ def test_clipping_is_the_official_per_tensor_rule_by_default(tmp_path, impl, fus
                                   f"optim.fuse_ema={str(fused).lower()}", impl=impl))
     assert trainer.cfg.optim.clip_mode == "per_param"
     torch.manual_seed(0)
-    for p in trainer.student_params:  # some above the max norm, some not; written into
+    params = trainer.params
+    for p in params.trainable:  # some above the max norm, some not; written into
         g = torch.randn_like(p) * torch.rand(()) * 0.02  # the flat buffers' views if any
         p.grad = g if p.grad is None else p.grad.copy_(g)
-    grads = [p.grad.clone() for p in trainer.student_params]
+    grads = [p.grad.clone() for p in params.trainable]
     expected = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
     for e, g in zip(expected, grads):
         e.grad = g.clone()
     official_clip_(expected, 0.01)
-    norm = trainer.clip_gradients()
-    for p, e in zip(trainer.student_params, expected):
+    norm = params.clip_(trainer.scaler, 0.01, "per_param")
+    for p, e in zip(params.trainable, expected):
         torch.testing.assert_close(p.grad, e.grad)
     assert sum(not torch.equal(g, e.grad) for g, e in zip(grads, expected)) > 10
     if fused:
-        assert trainer.optimizer.grad_scale is None  # already applied to the gradients
+        assert params.grad_scale is None  # already applied to the gradients
     torch.testing.assert_close(norm, torch.linalg.vector_norm(
         torch.stack([g.norm() for g in grads])))
 
-    trainer.cfg.optim.clip_mode = "global"
-    for p, g in zip(trainer.student_params, grads):
+    for p, g in zip(params.trainable, grads):
         p.grad.copy_(g)
     for e, g in zip(expected, grads):
         e.grad = g.clone()
     torch.nn.utils.clip_grad_norm_(expected, 0.01)
-    trainer.clip_gradients()
+    params.clip_(trainer.scaler, 0.01, "global")
     if fused:  # the kernel applies the scale inside its pass: check the scale it gets
-        scaled = [p.grad * trainer.optimizer.grad_scale for p in trainer.student_params]
+        scaled = [p.grad * params.grad_scale for p in params.trainable]
     else:
-        scaled = [p.grad for p in trainer.student_params]
+        scaled = [p.grad for p in params.trainable]
     for g, e in zip(scaled, expected):
         torch.testing.assert_close(g, e.grad)
 
@@ -458,7 +458,7 @@ def test_sigusr1_saves_and_goes_on(tmp_path):
     trainer.train_step = step_then_signal
     saved = []
     real_save = trainer.save
-    trainer.save = lambda: (saved.append(trainer.iteration), real_save())
+    trainer.save = lambda *args: (saved.append(trainer.iteration), real_save(*args))
     result = trainer.run()
     assert result["status"] == "stopped" and result["iteration"] == 4
     assert saved == [1, 4]  # on demand after the first step, then at the stop
@@ -552,7 +552,7 @@ def test_koleo_term_on_the_global_cls_tokens(tmp_path, impl):
                                   "optim.freeze_last_layer=0", impl=impl))
     trainer.close()
     net = trainer.student_module
-    tokens = net(batch["globals"], batch["masks"], batch["locals"], global_cls=True)[2]
+    tokens = net(batch["globals"], batch["masks"], batch["locals"]).backbone_cls
     expected = torch.autograd.grad(0.5 * sum(koleo_loss(crop) for crop in tokens.chunk(2)),
                                    [net.backbone.pos_embed, net.backbone.blocks[0].mlp.fc1.weight])
     trainer.train_step(batch, 0, 0)
@@ -577,7 +577,7 @@ def test_fsdp_with_one_process_trains_unsharded(tmp_path, caplog):
     with caplog.at_level("INFO", logger="ibot_fast"):
         trainer = Trainer(tiny_config(tmp_path, "train.parallel=fsdp", "train.stop_at_iter=1",
                                       "optim.fuse_ema=true", impl="fast"))
-    assert not trainer.sharded and trainer.flat_student is not None
+    assert not trainer.sharded and trainer.params.flat_student is not None
     assert "train.parallel=fsdp with one process: nothing to shard" in caplog.text
     assert trainer.run()["iteration"] == 1
 

@@ -153,6 +153,7 @@ def add_backbone_args(p, verb: str) -> None:
                    help=f"{verb} a randomly initialised network of the same architecture")
     p.add_argument("--preset", default=None, help="with --random-init and no checkpoint")
     p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/")
+    p.add_argument("--trust-pickle", action="store_true", help="unpickle the file whatever it holds (it can run code: only a file you trust)")
 
 
 def backbone_from_args(args, command: str):
@@ -161,7 +162,7 @@ def backbone_from_args(args, command: str):
     from ..config import apply_overrides, build_config
 
     if args.checkpoint:
-        cfg, backbone = load_backbone(args.checkpoint, args.which)
+        cfg, backbone = load_backbone(args.checkpoint, args.which, args.trust_pickle)
     elif args.random_init:
         cfg, backbone = build_config(args.preset or "demo"), None
     else:
@@ -176,14 +177,15 @@ def backbone_from_args(args, command: str):
     return cfg, backbone, what
 
 
-def load_backbone(path, which: str = "teacher"):
-    """(config, backbone) from an ibot_fast checkpoint; which = teacher | student."""
+def load_backbone(path, which: str = "teacher", trusted: bool = False):
+    """(config, backbone) from an ibot_fast checkpoint; which = teacher | student;
+    trusted: unpickle whatever the file holds (ibot_fast/checkpoint.py)."""
     from .. import checkpoint
     from ..config import from_dict
     from ..models import backbone_state_dict, build_backbone
 
-    ckpt = checkpoint.load(path)
-    if "config" not in ckpt or which not in ckpt:
+    ckpt = checkpoint.load(path, trusted=trusted)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or which not in ckpt:
         raise UserError(f"{path} is not an ibot_fast training checkpoint")
     cfg = from_dict(ckpt["config"])
     backbone = build_backbone(cfg)

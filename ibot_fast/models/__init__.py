@@ -14,6 +14,7 @@ Two head paths:
 import contextlib
 import copy
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -23,8 +24,22 @@ from ..phases import phase
 from .head import IBOTHead, WeightNormLinear
 from .vit import ARCHS, VisionTransformer, vit
 
-__all__ = ["ARCHS", "IBOTHead", "IBOTNet", "MaskedRows", "VisionTransformer",
-           "WeightNormLinear", "build_backbone", "build_student_teacher"]
+__all__ = ["ARCHS", "IBOTHead", "IBOTNet", "MaskedRows", "NetOutputs", "TeacherOutputs",
+           "VisionTransformer", "WeightNormLinear", "build_backbone", "build_student_teacher"]
+
+
+class NetOutputs(NamedTuple):
+    """What `IBOTNet.forward` returns."""
+    cls: torch.Tensor  # [(2+L)B, K] CLS logits, crop-major
+    patch: torch.Tensor  # [2B, N, K2] every patch (full-token path) or [M, K2] masked rows
+    backbone_cls: torch.Tensor  # [2B, dim] backbone CLS tokens of the global crops (KoLeo)
+
+
+class TeacherOutputs(NamedTuple):
+    """What `IBOTNet.forward_teacher_masked` returns."""
+    cls: torch.Tensor  # [2B, K]
+    patch: torch.Tensor  # [M, K2] masked rows (or their bottleneck features)
+    patch_sum: Optional[torch.Tensor]  # [K2] the patch center's statistic, or None
 
 
 @dataclass
@@ -66,16 +81,16 @@ class IBOTNet(nn.Module):
         self.head = head
 
     def forward(self, global_crops, masks=None, local_crops=None, masked: MaskedRows = None,
-                patch_features: bool = False, global_cls: bool = False):
-        """Student (or teacher with masks=None, local_crops=None).
+                patch_features: bool = False) -> NetOutputs:
+        """Student (or teacher with masks=None, local_crops=None): `NetOutputs`.
 
-        Without `masked`, the official full-token path: returns (cls [(2+L)*B, K]
-        crop-major, patch [2B, N, K2] for every patch of the global crops).
-        With `masked`, the head runs on [CLS tokens ; masked patch tokens] only: returns
-        (cls [(2+L)*B, K], patch [M, K2] for the masked rows), or with `patch_features`
-        the rows' bottleneck features [M, bottleneck] (for the fused last layer + loss).
-        With `global_cls`, a third output: the backbone's CLS tokens of the global crops
-        [2B, dim] (after the final norm; for the KoLeo term).
+        Without `masked`, the official full-token path: cls [(2+L)*B, K] crop-major,
+        patch [2B, N, K2] for every patch of the global crops.
+        With `masked`, the head runs on [CLS tokens ; masked patch tokens] only: patch
+        [M, K2] for the masked rows, or with `patch_features` the rows' bottleneck
+        features [M, bottleneck] (for the fused last layer + loss). `backbone_cls`: the
+        backbone's CLS tokens of the global crops [2B, dim] (after the final norm; the
+        KoLeo term's input), a view.
         """
         if masked is None:
             tokens_g = self.backbone(global_crops, mask=masks)
@@ -86,7 +101,7 @@ class IBOTNet(nn.Module):
                 with head_phase():
                     local_cls, _ = self.head(tokens_l)  # patch logits unused
                 cls = torch.cat([cls, local_cls])
-            return (cls, patch, tokens_g[:, 0]) if global_cls else (cls, patch)
+            return NetOutputs(cls, patch, tokens_g[:, 0])
         tokens_g, tokens_l = self.backbone.forward_crops(global_crops, masks, local_crops)
         with head_phase():
             rows = [tokens_g[:, 0]] + ([tokens_l[:, 0]] if tokens_l is not None else [])
@@ -95,13 +110,13 @@ class IBOTNet(nn.Module):
             n_cls = z.shape[0] - masked.rows
             patch = z[n_cls:] if patch_features else self.head.last_layer2(z[n_cls:])
             cls = self.head.last_layer(z[:n_cls])
-        return (cls, patch, tokens_g[:, 0]) if global_cls else (cls, patch)
+        return NetOutputs(cls, patch, tokens_g[:, 0])
 
     @torch.no_grad()
     def forward_teacher_masked(self, global_crops, masked: MaskedRows, center2_from: str,
-                               patch_features: bool = False):
-        """The teacher on the masked path: (cls [2B, K], patch rows [M, K2] (or features),
-        patch_sum [K2] or None).
+                               patch_features: bool = False) -> TeacherOutputs:
+        """The teacher on the masked path: `TeacherOutputs` (cls [2B, K], patch rows
+        [M, K2] (or features), patch_sum [K2] or None).
 
         center2_from="all" (official): the head MLP runs on every patch token so that
         patch_sum, the sum over crops of the mean teacher patch logit, can feed center2;
@@ -128,7 +143,7 @@ class IBOTNet(nn.Module):
                 [tokens[:, 0], gather_masked(tokens, masked.token_index(), masked.rows)]))
             cls, rows, patch_sum = self.head.last_layer(z[:n]), z[n:], None
         patch = rows if patch_features else self.head.last_layer2(rows)
-        return cls, patch, patch_sum
+        return TeacherOutputs(cls, patch, patch_sum)
 
 
 def backbone_state_dict(net_state: dict) -> dict:
