@@ -31,12 +31,16 @@ setup(
         "scikit-learn",
         "safetensors",
         "matplotlib",
+        "pyyaml",  # --config FILE.yaml, config.yaml
+        "tqdm>=4.60",  # the progress bar (and its logging redirect)
     ],
     extras_require={
         # CUDA 13 builds; on CUDA 12 machines use nvidia-dali-cuda120 instead.
         "gpu": ["xformers>=0.0.30", "nvidia-dali-cuda130"],
         "dali": ["nvidia-dali-cuda130"],
-        "dev": ["pytest>=7", "pytest-timeout", "threadpoolctl"],
+        "tensorboard": ["tensorboard"],  # train.tensorboard=true
+        "wandb": ["wandb"],  # train.wandb=PROJECT
+        "dev": ["pytest>=7", "pytest-timeout", "threadpoolctl", "tensorboard", "wandb"],
     },
     entry_points={"console_scripts": ["ibot-fast = ibot_fast.cli:main"]},
 )

@@ -269,8 +269,9 @@ def check_compatible(ckpt: dict, cfg_dict: dict, path="checkpoint") -> None:
 
 # Keys that say where and how a run executes, not what it computes: a resume that
 # changes them is routine (a new folder, a moved dataset, another machine, more or fewer
-# GPUs, a faster kernel path or a memory knob for them; how it is evaluated).
+# GPUs, a faster kernel path or a memory knob for them; how it is evaluated and logged).
 OPERATIONAL = ("train.output_dir", "train.stop_at_iter", "train.device", "train.log_every",
+               "train.tensorboard", "train.wandb",
                "train.save_every", "train.keep_every", "train.save_every_iters",
                "train.max_nonfinite", "train.trust_pickle",
                "train.compile", "train.parallel", "train.fsdp_reshard_after_forward",

@@ -1,6 +1,7 @@
 """The `ibot-fast` command.
 
-    ibot-fast train [--preset P] [--data PATH] [--output-dir DIR] [--resume] [key=value ...]
+    ibot-fast train [--preset P] [--config FILE.yaml] [--data PATH] [--output-dir DIR]
+                    [--resume] [key=value ...]
     torchrun --nproc_per_node=8 -m ibot_fast.train --preset vit_small_16_paper --data PATH
     ibot-fast knn --checkpoint runs/demo/checkpoint.pth [--which teacher|student]
     ibot-fast linear --checkpoint CKPT [--lrs ...] [--epochs N]    linear probe, many lrs at once
@@ -8,7 +9,9 @@
     ibot-fast show attention --checkpoint CKPT --image IMG --out PNG
     ibot-fast show curves --run DIR --out PNG
     ibot-fast demo                 pre-train on the embedded digits, then k-NN vs random init
-    ibot-fast keys [--preset P]    every config key with its value
+    ibot-fast keys [--preset P] [--config FILE.yaml] [--yaml] [key=value ...]
+                                   every config key with its value (--yaml: as a commented
+                                   YAML file that --config reads back)
     ibot-fast bench [args]         benchmarks.bench_train (from a source checkout)
 
 Errors a user can cause print one line (`ibot-fast: error: ...`) and exit with status 2.
@@ -49,6 +52,8 @@ def cmd_demo(argv):
     p = argparse.ArgumentParser("ibot-fast demo", description="pre-train the demo ViT on "
                                 "the embedded digits, then compare k-NN with random init")
     p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="keys from a YAML file, on top of the demo preset")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     from . import dist
@@ -57,7 +62,8 @@ def cmd_demo(argv):
         random_init_backbone
     from .train import Trainer
 
-    cfg = build_config("demo", [f"train.output_dir={args.output_dir}"] + args.overrides)
+    cfg = build_config("demo", [f"train.output_dir={args.output_dir}"] + args.overrides,
+                       args.config)
     _, _, device = dist.init(cfg.train.device)  # under torchrun: one GPU per process
     start = time.time()
     random_acc = knn_eval_backbone(cfg, on_device(random_init_backbone(cfg), device), device)
@@ -106,12 +112,27 @@ def demo_pictures(cfg, output_dir) -> list:
 
 
 def cmd_keys(argv):
-    p = argparse.ArgumentParser("ibot-fast keys")
+    p = argparse.ArgumentParser("ibot-fast keys", description="every config key with its "
+                                "value; --yaml: as a commented YAML file for --config")
     p.add_argument("--preset", default=None)
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="keys from a YAML file (after the preset, before the overrides)")
+    p.add_argument("--yaml", action="store_true",
+                   help="print a complete, commented YAML file that --config reads back")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    from .config import all_keys, build_config, get_key
+    from .config import all_keys, build_config, get_key, to_yaml
 
-    cfg = build_config(args.preset)
+    # a file of keys to fill in: a folder source may still lack its path
+    cfg = build_config(args.preset, args.overrides, args.config, need_data=False)
+    if args.yaml:
+        made = shlex.join(["ibot-fast", "keys", *argv])
+        print(to_yaml(cfg, header=[
+            f"ibot_fast config: every key, written by `{made}`.",
+            "Train with it: ibot-fast train --config THIS.yaml [key=value ...]",
+            "Precedence: defaults < --preset < --config < key=value on the command line.",
+        ]), end="")
+        return 0
     for key in all_keys(cfg):
         print(f"{key}={get_key(cfg, key)}")
     return 0

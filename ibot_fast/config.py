@@ -6,18 +6,31 @@ paper's ViT-S/16 recipe instead (shared_head, norm_last_layer false, 10 local cr
 pred_ratio 0 0.3 with pred_ratio_var 0 0.2, where the official defaults are false, true,
 0 and 0.3 / 0), and precision is bf16 on a GPU (official: fp16 with a gradient scaler).
 Paper recipes are small named presets (`PRESETS`), applied on top of the defaults;
-command-line overrides are dotted keys applied last:
+then a YAML file (`--config`), nested as `ibot-fast keys` names the keys; command-line
+overrides are dotted keys applied last:
 
     ibot-fast train --preset vit_small_16_paper --data /data/imagenet/train \\
         train.batch_size=64 optim.lr=0.0005 data.n_local=8
+    ibot-fast keys --preset vit_small_16_paper --yaml > vits16.yaml   # every key, commented
+    ibot-fast train --config vits16.yaml --data /data/imagenet/train train.batch_size=64
+
+The comment beside each field below is that key's documentation: `key_comments` reads
+it from this file's source for the YAML that `to_yaml` writes.
 
 Derived values (the lr scaled by the global batch) are computed in one place,
-`derived(cfg, world_size)`, and the resolved config is written next to the checkpoints.
+`derived(cfg, world_size)`, and the resolved config is written next to the checkpoints
+(config.yaml, which `--config` reads back, and config.json with the derived values).
 """
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
 import json
+import re
+import tokenize
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Tuple
 
 from . import UserError
@@ -114,12 +127,14 @@ class TrainConfig:
     impl: str = "reference"  # reference (official semantics, eager) | fast (fused kernels)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0  # all randomness (data, masks, init) derives from it
-    output_dir: str = "runs/ibot"  # checkpoints, config.json, log.jsonl
+    output_dir: str = "runs/ibot"  # checkpoints, config.yaml/.json, log.jsonl, TensorBoard events
     save_every: int = 1  # write checkpoint.pth every N epochs (the one before: _previous)
     keep_every: int = 0  # also keep checkpoint{epoch:04d}.pth every N epochs; 0 = never
     save_every_iters: int = 0  # also write the checkpoint every N iterations; 0 = never
     trust_pickle: bool = False  # unpickle checkpoint/weights files of any type (runs code!)
     log_every: int = 10  # JSON log line (and the only host syncs) every N iterations
+    tensorboard: bool = False  # also write the log to TensorBoard event files in output_dir
+    wandb: str = ""  # also log to this Weights & Biases project; "" = off (WANDB_MODE=offline)
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row
     stop_at_iter: int = 0  # stop (with a checkpoint) after this global iteration; 0 = never
     compile: str = "auto"  # auto (compiled on CUDA, eager on the CPU) | true | false: per block
@@ -309,16 +324,177 @@ def apply_overrides(cfg: Config, overrides) -> Config:
     return cfg
 
 
-def build_config(preset: str = None, overrides=()) -> Config:
-    """Defaults, then the preset's diff, then the overrides; validated."""
+def build_config(preset: str = None, overrides=(), config_file=None,
+                 need_data: bool = True) -> Config:
+    """Defaults, then the preset's diff, then the YAML file's keys, then the overrides;
+    validated (`need_data=False`: a folder source may lack its path, as in a file of
+    keys to fill in)."""
     cfg = Config()
     if preset:
         if preset not in PRESETS:
             raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
         apply_overrides(cfg, PRESETS[preset])
+    if config_file:
+        apply_overrides(cfg, load_yaml(config_file))
     apply_overrides(cfg, overrides)
-    validate(cfg)
+    validate(cfg, need_data)
     return cfg
+
+
+# -- YAML files: `ibot-fast keys --yaml` writes them, `--config` reads them -----------------
+
+# YAML 1.2's floats with an exponent and no dot or sign (1e-4, 1.0e5), which PyYAML's
+# YAML 1.1 resolver reads as strings: the loader reads them as floats and the dumper
+# quotes strings that look like them.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+@functools.lru_cache(maxsize=None)
+def _yaml_classes():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    for cls in (Loader, Dumper):
+        cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT,
+                                  list("-+0123456789."))
+    return Loader, Dumper
+
+
+@functools.lru_cache(maxsize=None)
+def key_comments() -> dict:
+    """{dotted key: the comment beside its field in this file}. Read from the source with
+    `tokenize`, so that the dataclasses stay a plain table; {} where the source is not
+    installed (the YAML then has no comments)."""
+    comments = {}
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            return {}
+        statement = None  # the first name of the current logical line
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type in (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+                statement = None
+            elif tok.type == tokenize.NAME and statement is None:
+                statement = tok.string
+            elif tok.type == tokenize.COMMENT and statement in names:
+                key = f"{section.name}.{statement}"
+                text = tok.string.lstrip("#").strip()
+                comments[key] = f"{comments[key]} {text}" if key in comments else text
+    return comments
+
+
+def _yaml_value(value) -> str:
+    """One value in YAML's flow style, on one line (tuples as lists)."""
+    import yaml
+
+    _, dumper = _yaml_classes()
+    value = list(value) if isinstance(value, tuple) else value
+    text = yaml.dump([value], Dumper=dumper, default_flow_style=True, width=float("inf"))
+    return text.strip()[1:-1]  # without the list around it
+
+
+def to_yaml(cfg: Config, header=()) -> str:
+    """Every key of `cfg` as a YAML file, nested by section, each with its comment from
+    this file; `header` lines come first, as comments. `load_yaml` reads it back to the
+    same config."""
+    comments = key_comments()
+    lines = [f"# {line}".rstrip() for line in header]
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        entries = [(f"{f.name}: {_yaml_value(getattr(sub, f.name))}",
+                    comments.get(f"{section.name}.{f.name}"))
+                   for f in dataclasses.fields(sub)]
+        width = min(max(len(entry) for entry, _ in entries), 40)
+        lines += ["", f"{section.name}:"]
+        lines += [f"  {entry.ljust(width)}  # {comment}" if comment else f"  {entry}"
+                  for entry, comment in entries]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _typed(value, default):
+    """`value` (read from YAML) as the type of the key's `default`; ValueError saying
+    what was expected when it is of another type."""
+    def number(v, kind):
+        return not isinstance(v, bool) and isinstance(v, (int, float) if kind is float else kind)
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError("true or false")
+    elif isinstance(default, (int, float)):
+        kind = type(default)
+        if not number(value, kind):
+            raise ValueError("an integer" if kind is int else "a number")
+        value = kind(value)
+    elif isinstance(default, tuple):
+        kind = type(default[0]) if default else float
+        if not isinstance(value, list) or not all(number(v, kind) for v in value):
+            raise ValueError(f"a list of {'integers' if kind is int else 'numbers'}, "
+                             f"e.g. {_yaml_value(default)}")
+        value = tuple(kind(v) for v in value)
+    elif not isinstance(value, str):
+        raise ValueError("a string")
+    return value
+
+
+def load_yaml(path) -> dict:
+    """{dotted key: value} from a YAML config file: sections nested as `ibot-fast keys`
+    names the keys, any subset of them. An unknown key, or a value of the wrong type, is
+    a one-line error that names the key and the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        tree = yaml.load(text, Loader=_yaml_classes()[0])
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path} is not valid YAML{where}: {problem}") from None
+    if tree is None:  # an empty file
+        return {}
+    defaults = Config()
+    sections = [s.name for s in dataclasses.fields(defaults)]
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: expected sections ({', '.join(sections)}) at the top, "
+                        f"got {_yaml_value(tree)}")
+    values = {}
+    for section, keys in tree.items():
+        section = str(section)
+        if section not in sections:
+            if "." in section and section in all_keys(defaults):
+                head, _, name = section.partition(".")
+                raise UserError(f"{path}: write {section} nested, as '{name}:' under "
+                                f"'{head}:' (ibot-fast keys --yaml shows the layout)")
+            close = difflib.get_close_matches(section, sections, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"the sections are " \
+                f"{', '.join(sections)}"
+            raise UserError(f"{path}: unknown config section '{section}'; {hint}")
+        if keys is None:  # a section left empty
+            continue
+        if not isinstance(keys, dict):
+            raise UserError(f"{path}: section '{section}' must hold keys (name: value), "
+                            f"got {_yaml_value(keys)}")
+        for name, value in keys.items():
+            key = f"{section}.{name}"
+            if key not in all_keys(defaults):
+                raise UserError(f"{path}: {_unknown_key(key)}")
+            try:
+                values[key] = _typed(value, get_key(defaults, key))
+            except ValueError as e:
+                raise UserError(f"{path}: {key} must be {e}, got {value!r}") from None
+    return values
 
 
 _CHOICES = {
@@ -348,8 +524,9 @@ def get_key(cfg: Config, key: str):
     return getattr(getattr(cfg, section), name)
 
 
-def validate(cfg: Config) -> None:
-    """One-line errors for values that cannot work."""
+def validate(cfg: Config, need_data: bool = True) -> None:
+    """One-line errors for values that cannot work (`need_data=False`: but for a
+    folder source's missing path)."""
     for key, choices in _CHOICES.items():
         if get_key(cfg, key) not in choices:
             raise UserError(f"{key}={get_key(cfg, key)!r} is not one of {', '.join(choices)}")
@@ -362,7 +539,7 @@ def validate(cfg: Config) -> None:
     for r, v in zip(cfg.masks.pred_ratio, cfg.masks.pred_ratio_var):
         if not 0 <= r - v <= r + v <= 1:
             raise UserError(f"mask ratio {r} +- {v} leaves [0, 1]")
-    if cfg.data.source in ("folder", "webdataset") and not cfg.data.path:
+    if need_data and cfg.data.source in ("folder", "webdataset") and not cfg.data.path:
         raise UserError(f"data.source={cfg.data.source} needs a path: pass --data PATH (an "
                         "ImageFolder tree, or webdataset .tar shards)")
     if cfg.loss.fused_last_layer and cfg.loss.centering != "center":

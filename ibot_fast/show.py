@@ -10,7 +10,8 @@ token's attention probabilities over the patches in the last block, upsampled (n
 to the crop's size, as DINO shows them. The probabilities are computed here from the
 block's own modules (norm1, attn.qkv, the head split): softmax(q k^T / sqrt(head_dim)).
 
-`curves`: from <run>/log.jsonl, over iterations: the loss and its CLS and patch terms;
+`curves`: from <run>/log.jsonl, or, when there is none, the TensorBoard event files in
+<run> (`train.tensorboard=true`), over iterations: the loss and its CLS and patch terms;
 the learning rate; the teacher temperatures (CLS and patch); the k-NN top-1 when logged.
 When a run was resumed from an earlier checkpoint, the later record of an iteration wins.
 """
@@ -106,10 +107,14 @@ def show_attention(checkpoint_path, image_path, out, which: str = "teacher",
 
 
 def read_log(run_dir) -> list:
-    """The records of <run>/log.jsonl, one per iteration and kind, in iteration order."""
+    """The records of <run>/log.jsonl (else of its TensorBoard event files), one per
+    iteration and kind, in iteration order."""
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
-        raise UserError(f"no training log at {path}: pass --run DIR, a run's output_dir")
+        if list(Path(run_dir).glob("events.out.tfevents.*")):
+            return read_tensorboard(run_dir)
+        raise UserError(f"no training log at {path} (nor TensorBoard event files): pass "
+                        "--run DIR, a run's output_dir")
     records = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -126,6 +131,43 @@ def read_log(run_dir) -> list:
             records[(record["iter"], kind)] = record  # a resumed run rewrites iterations
     if not records:
         raise UserError(f"{path} has no records yet")
+    return [records[key] for key in sorted(records)]
+
+
+def read_tensorboard(run_dir) -> list:
+    """log.jsonl's records rebuilt from the TensorBoard event files in run_dir (tags
+    `group/key`, logger.metric_tag), in iteration order. TensorBoard's reader drops the
+    points that a resumed run's purge step overrides."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        raise UserError(f"{run_dir} holds TensorBoard event files and no log.jsonl: "
+                        "reading them needs the tensorboard package (pip install "
+                        "tensorboard)") from None
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep all
+    # the reader warns of "a TensorFlow restart" where it applies a resume's purge step
+    quiet = logging.getLogger("tensorboard")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        events.Reload()
+    finally:
+        quiet.setLevel(level)
+    by_iter = {}
+    for tag in events.Tags()["scalars"]:
+        key = tag.split("/", 1)[-1]
+        for point in events.Scalars(tag):
+            by_iter.setdefault(point.step, {})[key] = point.value
+    records = {}
+    for step, values in by_iter.items():
+        knn = {k: v for k, v in values.items() if k.startswith("knn_top1")}
+        rest = {k: v for k, v in values.items() if k not in knn}
+        if rest:
+            records[(step, "step")] = {"iter": step, **rest}
+        if knn:
+            records[(step, "knn")] = {"iter": step, **knn}
+    if not records:
+        raise UserError(f"the TensorBoard event files in {run_dir} have no scalars yet")
     return [records[key] for key in sorted(records)]
 
 
@@ -154,8 +196,8 @@ def show_curves(run_dir, out) -> Path:
     out = _png_path(out)
     panels = curve_panels(read_log(run_dir))
     if not panels:
-        raise UserError(f"{Path(run_dir) / 'log.jsonl'} has no loss, lr, temperature or "
-                        "k-NN values")
+        raise UserError(f"the log in {run_dir} has no loss, lr, temperature or k-NN "
+                        "values")
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), dpi=DPI,
                              squeeze=False)
@@ -215,7 +257,8 @@ def cmd_show(argv) -> int:
     a.add_argument("--size", type=int, default=None,
                    help="crop side in px (default: the run's global crop size)")
     c = sub.add_parser("curves", help="loss terms, lr, teacher temperatures, k-NN")
-    c.add_argument("--run", required=True, help="a run's output_dir (with log.jsonl)")
+    c.add_argument("--run", required=True, help="a run's output_dir (with log.jsonl or "
+                   "TensorBoard event files)")
     c.add_argument("--out", required=True, help="PNG file")
     args = p.parse_args(argv)
     if args.what == "attention":

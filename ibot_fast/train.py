@@ -18,9 +18,10 @@ across nodes.
 Several nodes: add `--nnodes N --node_rank R --master_addr HOST --master_port PORT` to
 torchrun on each node. SLURM: one `srun` task per GPU, no torchrun (ibot_fast/slurm.py;
 examples/slurm_train.sbatch requeues itself at the time limit). Any config key can be
-overridden as `key=value` (see `ibot-fast keys`); `--resume` continues from the output
-folder's checkpoint when there is one (or from a path), so the same command restarts a
-pre-empted job.
+set in a YAML file (`--config FILE.yaml`; `ibot-fast keys --preset P --yaml` writes a
+complete one) and overridden as `key=value` (see `ibot-fast keys`); `--resume` continues
+from the output folder's checkpoint when there is one (or from a path), so the same
+command restarts a pre-empted job.
 
 Layout: `Trainer.train_step` is one iteration, top to bottom; `Trainer.run` is the loop,
 with what ends it and when to save decided in one place (`Trainer.after_step`). How the
@@ -40,10 +41,10 @@ import torch
 
 from . import UserError, checkpoint, dist, print_error, slurm
 from .compiling import compile_backbones, resolve_compile
-from .config import build_config, derived, to_dict
+from .config import build_config, derived, to_dict, to_yaml
 from .control import Signals, Status
 from .data import build_train_loader
-from .logger import JsonLog, ProgressBar, setup_logging
+from .logger import MetricSinks, Progress, setup_logging
 from .loss import build_loss, koleo_loss
 from .masking import buffer_rows, sampler_from_config
 from .models import ARCHS, MaskedRows, build_student_teacher
@@ -67,6 +68,9 @@ def get_args_parser():
     p.add_argument("--preset", default=None,
                    help="demo | vit_small_16_paper | vit_base_16_paper | vit_large_16_paper "
                    "(and *_dinov2style; ibot-fast keys --help)")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="keys from a YAML file (ibot-fast keys --yaml writes one), applied "
+                   "after the preset and before the key=value overrides")
     p.add_argument("--data", default=None,
                    help="ImageFolder root, or webdataset shards (x.tar, a glob, "
                    "train-{0000..0146}.tar): sets data.source and data.path")
@@ -86,7 +90,7 @@ def config_from_args(args):
                       f"data.path={args.data}"]
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
-    return build_config(args.preset, overrides)
+    return build_config(args.preset, overrides, args.config)
 
 
 class Trainer:
@@ -126,9 +130,10 @@ class Trainer:
         self.grad_norm = torch.zeros((), device=self.device)  # last step's, before clipping
         self.n_bad_images = 0
         self.signals = Signals()
-        self.json_log = JsonLog(self.out_dir / "log.jsonl", enabled=self.is_main)
         if resume:
             self.load(None if resume == "auto" else Path(resume))
+        # log.jsonl, TensorBoard, W&B: the curves go on from the iteration resumed at
+        self.metrics = MetricSinks(self.out_dir, cfg, self.iteration, enabled=self.is_main)
         log.info("iBOT %s: %s, %d process(es)%s, device %s, precision %s, attention %s, "
                  "global batch %d, lr %.3g, %d iterations/epoch",
                  cfg.train.impl, cfg.model.arch, self.world_size, self._parallel_name(),
@@ -231,7 +236,9 @@ class Trainer:
         self.sched = build_schedules(cfg, self.iters_per_epoch, self.derived["lr"])
 
     def close(self):
-        """Stop the data workers (the trainer's state stays usable)."""
+        """Stop the data workers and close the metric writers (the trainer's state stays
+        usable)."""
+        self.metrics.close()
         close = getattr(self.loader, "close", None)
         if close is not None:
             close()
@@ -338,9 +345,14 @@ class Trainer:
 
     def run(self) -> dict:
         self._write_config()
-        bar = ProgressBar(self.cfg.train.epochs, self.iters_per_epoch, enabled=self.is_main)
-        with self.signals:
-            status = self._loop(bar)
+        bar = Progress(self.cfg.train.epochs, self.iters_per_epoch, self.iteration,
+                       enabled=self.is_main)
+        try:
+            with self.signals:
+                status = self._loop(bar)
+        finally:
+            bar.close()
+            self.metrics.close()
         bad_images = self.total_bad_images()
         log.info("training %s at epoch %d, iteration %d (non-finite steps skipped: %d, "
                  "unreadable images skipped: %d)", status, self.epoch, self.iteration,
@@ -364,11 +376,9 @@ class Trainer:
                     now = time.time()
                     record = self.log_step(losses, (self.iteration - it_last) / (now - t_last))
                     t_last, it_last = time.time(), self.iteration
-                    bar.update(self.epoch, self.batch_in_epoch,
-                               f"loss {record['loss']:.4f}  {record['img_per_s']:.0f} img/s",
-                               force=True)
+                    bar.update(self.epoch, self.batch_in_epoch, self.iteration, record)
                 else:
-                    bar.update(self.epoch, self.batch_in_epoch, "")
+                    bar.update(self.epoch, self.batch_in_epoch, self.iteration)
                 if epoch_done:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 status = self.after_step(epoch_done, logged)
@@ -422,7 +432,7 @@ class Trainer:
         bad_images, read = record["bad_images"], self.iteration * self.derived["global_batch"]
         if self.device.type == "cuda":
             record["mem_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        self.json_log.write(record)
+        self.metrics.write(record)
         if bad_images > max(10, self.cfg.data.max_bad_fraction * read):
             self.save()
             raise UserError(f"{bad_images} of {read} image reads failed (more than "
@@ -460,8 +470,8 @@ class Trainer:
         if self.is_main:
             log.info("k-NN at epoch %d: %s", self.epoch,
                      ", ".join(f"k={k}: {a:.2f}%" for k, a in results.items()))
-            self.json_log.write({"iter": self.iteration, "epoch": self.epoch,
-                                 **{f"knn_top1_k{k}": a for k, a in results.items()}})
+            self.metrics.write({"iter": self.iteration, "epoch": self.epoch,
+                                **{f"knn_top1_k{k}": a for k, a in results.items()}})
         dist.barrier()
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -581,6 +591,13 @@ class Trainer:
             resolved = {**to_dict(self.cfg), "derived": self.derived,
                         "precision": self.precision}
             (self.out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+            d = self.derived
+            (self.out_dir / "config.yaml").write_text(to_yaml(self.cfg, header=[
+                "The resolved config of this run: `ibot-fast train --config config.yaml` "
+                "reads it back.",
+                f"Derived: global batch {d['global_batch']} ({d['world_size']} process(es)), "
+                f"lr {d['lr']:.6g}, precision {self.precision} (config.json has them all).",
+            ]))
 
 
 def train(cfg, resume=None) -> dict:

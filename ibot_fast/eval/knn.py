@@ -152,6 +152,8 @@ def add_backbone_args(p, verb: str) -> None:
     p.add_argument("--random-init", action="store_true",
                    help=f"{verb} a randomly initialised network of the same architecture")
     p.add_argument("--preset", default=None, help="with --random-init and no checkpoint")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="with --random-init: keys from a YAML file, after the preset")
     p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/")
     p.add_argument("--trust-pickle", action="store_true", help="unpickle the file whatever it holds (it can run code: only a file you trust)")
 
@@ -161,10 +163,13 @@ def backbone_from_args(args, command: str):
     key=value overrides in `args.overrides`."""
     from ..config import apply_overrides, build_config
 
+    if args.checkpoint and args.config:
+        raise UserError("--config is for --random-init: a checkpoint carries its own "
+                        "config (override its keys as key=value)")
     if args.checkpoint:
         cfg, backbone = load_backbone(args.checkpoint, args.which, args.trust_pickle)
     elif args.random_init:
-        cfg, backbone = build_config(args.preset or "demo"), None
+        cfg, backbone = build_config(args.preset or "demo", config_file=args.config), None
     else:
         raise UserError(f"{command} needs --checkpoint PATH (or --random-init)")
     overrides = list(args.overrides)
