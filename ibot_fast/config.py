@@ -491,7 +491,12 @@ def load_yaml(path) -> dict:
             if key not in all_keys(defaults):
                 raise UserError(f"{path}: {_unknown_key(key)}")
             try:
-                values[key] = _typed(value, get_key(defaults, key))
+                if key in _AUTO_OR_BOOL:  # auto | true | false: a YAML bool or a string
+                    if not isinstance(value, (bool, str)):
+                        raise ValueError("auto, true or false")
+                    values[key] = value
+                else:
+                    values[key] = _typed(value, get_key(defaults, key))
             except ValueError as e:
                 raise UserError(f"{path}: {key} must be {e}, got {value!r}") from None
     return values

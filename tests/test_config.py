@@ -176,7 +176,8 @@ def test_precedence_defaults_preset_file_overrides(tmp_path):
     ("train.batch_size: 3\n", "c.yaml: write train.batch_size nested, as 'batch_size:' under"),
     ("train:\n  batch_size: many\n", "c.yaml: train.batch_size must be an integer, got 'many'"),
     ("train:\n  batch_size: 3.5\n", "c.yaml: train.batch_size must be an integer, got 3.5"),
-    ("train:\n  compile: 1\n", "c.yaml: train.compile must be true or false, got 1"),
+    ("train:\n  compile: 1\n", "c.yaml: train.compile must be auto, true or false, got 1"),
+    ("train:\n  tensorboard: 1\n", "c.yaml: train.tensorboard must be true or false, got 1"),
     ("optim:\n  lr: fast\n", "c.yaml: optim.lr must be a number, got 'fast'"),
     ("optim:\n  lr: true\n", "c.yaml: optim.lr must be a number, got True"),
     ("data:\n  global_scale: 0.3\n", "c.yaml: data.global_scale must be a list of numbers, "
