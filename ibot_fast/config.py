@@ -502,26 +502,37 @@ def load_yaml(path) -> dict:
     return values
 
 
-_CHOICES = {
-    "model.arch": ("vit_demo", "vit_tiny", "vit_small", "vit_base", "vit_large"),
-    "model.attention": ("auto", "xformers", "sdpa", "math", "varlen"),
-    "model.activation_checkpointing": ("none", "selective", "selective_mlp", "full"),
-    "model.init_which": ("teacher", "student"),
-    "data.source": ("digits", "folder", "webdataset", "synthetic"),
-    "data.pipeline": ("auto", "cpu", "dali"),
-    "train.compile": ("auto", "true", "false"),
-    "masks.sampler": ("iid", "stratified"),
-    "loss.center2_from": ("all", "masked"),
-    "loss.centering": ("center", "sinkhorn"),
-    "optim.name": ("adamw", "apex_adamw", "apex_lamb"),
-    "optim.clip_mode": ("global", "per_param"),
-    "masks.pred_shape": ("block", "rand"),
-    "train.impl": ("reference", "fast"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.parallel": ("ddp", "fsdp"),
-    "eval.precision": ("fp32", "bf16"),
-}
+def _choices() -> dict:
+    """The values each key with a fixed set of them takes: from the constants of the code
+    that reads them where it has one (imported here, not restated), else listed here."""
+    from .data import PIPELINES
+    from .data.datasets import SOURCES
+    from .loss import CENTER2_FROM, CENTERINGS
+    from .masking import SAMPLERS, SHAPES
+    from .models.attention import BACKENDS
+    from .models.vit import ARCHS, CHECKPOINTING
+    from .optim import CLIP_MODES, OPTIMIZERS
+
+    return {
+        "model.arch": tuple(ARCHS),
+        "model.attention": ("auto",) + BACKENDS,
+        "model.activation_checkpointing": CHECKPOINTING,
+        "model.init_which": ("teacher", "student"),
+        "data.source": SOURCES,
+        "data.pipeline": PIPELINES,
+        "masks.sampler": SAMPLERS,
+        "masks.pred_shape": SHAPES,
+        "loss.center2_from": CENTER2_FROM,
+        "loss.centering": CENTERINGS,
+        "optim.name": OPTIMIZERS,
+        "optim.clip_mode": CLIP_MODES,
+        "train.compile": ("auto", "true", "false"),
+        "train.impl": ("reference", "fast"),
+        "train.precision": ("auto", "fp32", "bf16", "fp16"),
+        "train.device": ("auto", "cpu", "cuda"),
+        "train.parallel": ("ddp", "fsdp"),
+        "eval.precision": ("fp32", "bf16"),
+    }
 
 
 def get_key(cfg: Config, key: str):
@@ -532,7 +543,7 @@ def get_key(cfg: Config, key: str):
 def validate(cfg: Config, need_data: bool = True) -> None:
     """One-line errors for values that cannot work (`need_data=False`: but for a
     folder source's missing path)."""
-    for key, choices in _CHOICES.items():
+    for key, choices in _choices().items():
         if get_key(cfg, key) not in choices:
             raise UserError(f"{key}={get_key(cfg, key)!r} is not one of {', '.join(choices)}")
     for size_key in ("data.global_size", "data.local_size"):

@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 N_GLOBAL = 2
+CENTERINGS = ("center", "sinkhorn")  # loss.centering: iBOT's | DINOv2's Sinkhorn-Knopp
+CENTER2_FROM = ("all", "masked")  # loss.center2_from: every patch (official) | masked rows
 
 
 def teacher_temp_schedule(warmup_temp, temp, warmup_epochs, n_epochs,
@@ -113,7 +115,7 @@ class IBOTLoss(nn.Module):
         super().__init__()
         if impl not in ("reference", "fast"):
             raise ValueError(f"impl must be 'reference' or 'fast', got {impl!r}")
-        if centering not in ("center", "sinkhorn"):
+        if centering not in CENTERINGS:
             raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
         self.impl = impl
         self.centering = centering

@@ -201,6 +201,9 @@ class StratifiedMaskSampler:
         return int(self.ratio_range[1] * self.num_patches)
 
 
+SAMPLERS = ("iid", "stratified")  # masks.sampler: official per crop | fixed count per batch
+
+
 def sampler_from_config(mcfg, grid) -> Union[BlockMaskSampler, StratifiedMaskSampler]:
     """The sampler named by `masks.sampler`, from the official ratio flags.
 

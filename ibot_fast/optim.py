@@ -10,6 +10,10 @@ import torch
 from . import UserError
 
 
+OPTIMIZERS = ("adamw", "apex_adamw", "apex_lamb")  # optim.name
+CLIP_MODES = ("per_param", "global")  # optim.clip_mode: official (each tensor) | one norm
+
+
 def param_groups(model: torch.nn.Module):
     decay, no_decay = [], []
     for name, p in model.named_parameters():

@@ -36,6 +36,44 @@ def test_compile_key_takes_auto_true_false():
     assert from_dict(saved).train.compile == "true"
 
 
+def test_data_pipeline_resolves_per_device(monkeypatch, caplog):
+    import ibot_fast.data as data
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with caplog.at_level(logging.INFO, logger="ibot_fast"):
+        monkeypatch.setattr(data, "dali_importable", lambda: True)
+        assert data.resolve_pipeline("auto", cuda) == "dali"
+        assert data.resolve_pipeline("auto", cpu) == "cpu"
+        assert data.resolve_pipeline("cpu", cuda) == "cpu"
+        monkeypatch.setattr(data, "dali_importable", lambda: False)
+        assert data.resolve_pipeline("auto", cuda) == "cpu"
+        with pytest.raises(UserError, match="data.pipeline=dali needs NVIDIA DALI"):
+            data.resolve_pipeline("dali", cuda)
+    assert "data.pipeline: dali (auto: DALI imports and a GPU is present)" in caplog.text
+    assert "data.pipeline: cpu (auto: DALI does not import" in caplog.text
+    assert build_config().data.pipeline == "auto"
+
+
+def test_presets_pick_the_fast_configuration_and_name_the_dinov2_variant():
+    for model in ("vit_small_16", "vit_base_16", "vit_large_16"):
+        paper = build_config(f"{model}_paper", ["data.path=/x"])
+        assert paper.train.impl == "fast" and paper.train.compile == "auto"
+        assert paper.data.pipeline == "auto" and paper.model.attention == "auto"
+        # what changes the computation stays off in the paper presets ...
+        assert (paper.masks.sampler, paper.loss.center2_from, paper.loss.centering,
+                paper.loss.koleo_weight) == ("iid", "all", "center", 0.0)
+        assert paper.model.layernorm_fp32 and not paper.model.efficient_drop_path
+        # ... and the DINOv2-style preset collects it
+        variant = build_config(f"{model}_dinov2style", ["data.path=/x"])
+        assert (variant.masks.sampler, variant.loss.center2_from) == ("stratified", "masked")
+        assert variant.model.pack_crops and variant.model.efficient_drop_path
+        assert not variant.model.layernorm_fp32
+        assert variant.model.arch == paper.model.arch and variant.train.epochs == paper.train.epochs
+    # the fused AdamW + EMA pass needs flat buffers, which FSDP (ViT-L's) cannot give
+    assert build_config("vit_base_16_paper", ["data.path=/x"]).optim.fuse_ema
+    assert not build_config("vit_large_16_paper", ["data.path=/x"]).optim.fuse_ema
+
+
 def test_automatic_choices_are_logged_with_their_reasons(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="ibot_fast"):
         Trainer(tiny_config(tmp_path, impl="fast")).close()

@@ -21,6 +21,9 @@ __all__ = ["BadImage", "DigitsDataset", "ImageFolder", "SyntheticDataset", "Trai
            "build_dataset", "build_train_loader", "resolve_pipeline"]
 
 
+PIPELINES = ("auto", "cpu", "dali")  # data.pipeline
+
+
 def dali_importable() -> bool:
     try:
         import nvidia.dali  # noqa: F401

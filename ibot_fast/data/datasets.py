@@ -257,6 +257,9 @@ class SyntheticDataset:
         return img, int(self.targets[i])
 
 
+SOURCES = ("digits", "folder", "webdataset", "synthetic")  # data.source
+
+
 def build_dataset(cfg, split: str = "train"):
     """The pre-training (split='train') or evaluation source named by the config.
 
