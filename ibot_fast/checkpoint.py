@@ -4,8 +4,8 @@ steps since the last save, and a damaged latest file falls back to the one befor
 Reading (`load`). Every file a command reads (`--resume`, `model.init_from`, knn,
 linear, export, show) goes through `torch.load(weights_only=True)`: tensors, numbers,
 strings, lists, dicts and, for the official iBOT/DINO checkpoints, `argparse.Namespace`
-(their `args`), plus NumPy arrays and dtypes (RNG states in checkpoints of earlier
-ibot_fast versions). None of these can run code when unpickled. A file that needs any
+(their `args`), plus NumPy arrays and dtypes (a NumPy RNG state as NumPy gives it; ibot_fast
+writes it as a tensor). None of these can run code when unpickled. A file that needs any
 other type is refused with a one-line error naming it; `trusted=True` (`train.trust_pickle`
 / `--trust-pickle`) is the only way to unpickle it, for a file one trusts.
 

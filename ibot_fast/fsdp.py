@@ -39,10 +39,11 @@ How it is laid out:
 
 Not combined with it (a one-line error at start-up, `check_config`; in one process
 `fsdp` shards nothing and they all work): the fused last layer (the loss reads the head's
-weight outside the head's forward, where FSDP has it sharded), `optim.fuse_ema` (flat
-buffers), apex's optimizers (their kernels want whole local tensors, and LAMB's trust
-ratio would be taken per shard), fp16 (untested with FSDP2's gradient scaling) and, on
-the CPU only, `model.residual_fp32` in bf16.
+weight outside the head's forward, where FSDP has it sharded), apex's optimizers (their
+kernels want whole local tensors, and LAMB's trust ratio would be taken per shard), fp16
+(untested with FSDP2's gradient scaling) and, on the CPU only, `model.residual_fp32` in
+bf16. `optim.fuse_ema` (the paper presets') needs flat buffers, which sharded parameters
+cannot be: under FSDP AdamW and the teacher update run as two passes (logged).
 """
 import warnings
 
@@ -65,7 +66,6 @@ def check_config(cfg, precision: str, device: torch.device, world_size: int) -> 
                         "processes (e.g. the processes per node), or be 0 for all of them")
     for bad, why in ((cfg.loss.fused_last_layer, "loss.fused_last_layer=true (the loss "
                       "reads the head's weight, which FSDP keeps sharded)"),
-                     (cfg.optim.fuse_ema, "optim.fuse_ema=true (it needs flat buffers)"),
                      (cfg.optim.name != "adamw", f"optim.name={cfg.optim.name} (use adamw)"),
                      (precision == "fp16", "train.precision=fp16 (use bf16)"),
                      (cfg.model.residual_fp32 and precision == "bf16" and device.type == "cpu",

@@ -21,6 +21,8 @@ all of them:
 and `state_dict()` / `load_state_dict()` read and write whole (unsharded) networks and
 optimizer state in one format, so a run moves between set-ups when it resumes.
 """
+import logging
+
 import torch
 
 from . import fsdp
@@ -29,6 +31,8 @@ from .models import backbone_state_dict, build_backbone
 from .optim import (AdamWEMA, build_optimizer, cancel_last_layer_grads, clip_gradients,
                     flat_group, last_layer_params, param_groups, set_hyperparameters)
 from .reference.ema import ema_loop_
+
+log = logging.getLogger("ibot_fast")
 
 
 class Replicated:
@@ -179,6 +183,9 @@ def build_params(cfg, student, teacher, device, world_size: int, precision: str,
     sharded = cfg.train.parallel == "fsdp" and world_size > 1
     if sharded:
         fsdp.check_config(cfg, precision, device, world_size)
+        if fast and cfg.optim.fuse_ema:
+            log.info("optim.fuse_ema: not under FSDP (the fused pass needs flat buffers; "
+                     "FSDP shards the parameters): AdamW, then the teacher update")
         mesh = fsdp.build_mesh(device, cfg.train.fsdp_shard_size)
         # in place: each unit's shards go to the device, no whole copy lands there
         fsdp.shard_networks(student, teacher, mesh,

@@ -58,7 +58,6 @@ def test_bad_overrides_are_one_line_errors(overrides, message):
 
 @pytest.mark.parametrize("overrides,message", [
     (["loss.fused_last_layer=true"], "loss.fused_last_layer=true"),
-    (["optim.fuse_ema=true"], "optim.fuse_ema=true"),
     (["optim.name=apex_lamb"], "optim.name=apex_lamb"),
     (["train.precision=fp16"], "train.precision=fp16"),
     (["model.residual_fp32=true", "train.precision=bf16"], "model.residual_fp32=true"),

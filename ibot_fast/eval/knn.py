@@ -166,16 +166,16 @@ def backbone_from_args(args, command: str):
     if args.checkpoint and args.config:
         raise UserError("--config is for --random-init: a checkpoint carries its own "
                         "config (override its keys as key=value)")
-    if args.checkpoint:
-        cfg, backbone = load_backbone(args.checkpoint, args.which, args.trust_pickle)
-    elif args.random_init:
-        cfg, backbone = build_config(args.preset or "demo", config_file=args.config), None
-    else:
-        raise UserError(f"{command} needs --checkpoint PATH (or --random-init)")
     overrides = list(args.overrides)
     if args.data:
         overrides += ["data.source=folder", f"data.path={args.data}"]
-    apply_overrides(cfg, overrides)
+    if args.checkpoint:
+        cfg, backbone = load_backbone(args.checkpoint, args.which, args.trust_pickle)
+        apply_overrides(cfg, overrides)
+    elif args.random_init:  # validated with the overrides (a paper preset needs --data)
+        cfg = build_config(args.preset or "demo", overrides, config_file=args.config)
+    else:
+        raise UserError(f"{command} needs --checkpoint PATH (or --random-init)")
     if args.random_init:
         backbone = random_init_backbone(cfg)
     what = "random init" if args.random_init else f"{args.which} of {args.checkpoint}"
