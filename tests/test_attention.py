@@ -366,9 +366,9 @@ def _largest(shapes) -> int:
 @pytest.mark.parametrize("pack", [False, True])
 def test_copies_per_block_on_cuda(kernel, pack):
     """On CUDA, counted by the profiler (which also sees copies made inside the kernels'
-    host code; token-sized only): a bf16 ViT-S block with each SDPA kernel (and varlen, packed) makes no
-    copy in its forward but the packed groups' `cat`, and one `stack` per attention call
-    in its backward. Prints what it finds."""
+    host code; token-sized only): a bf16 ViT-S block with each SDPA kernel (and varlen,
+    packed) makes no copy in its forward but the packed groups' `cat`, and one `stack`
+    per attention call in its backward. Prints what it finds."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
