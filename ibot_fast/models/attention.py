@@ -94,11 +94,12 @@ class Seqs:
             start += n
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def sample(self, keep: float, device):
+    def sample(self, keep: float, device, dtype=torch.float32):
         """A random subset of round(count * keep) sequences per group (at least one).
 
         Returns (token rows [T_sub] int64 into the packed tensor, the subset's Seqs,
-        scale [T_sub] = count / kept of the row's group) for DINOv2-style stochastic depth.
+        scale [T_sub] = count / kept of the row's group, in `dtype`) for DINOv2-style
+        stochastic depth.
         """
         rows, groups, scales, start = [], [], [], 0
         for n, length in self.groups:
@@ -107,7 +108,7 @@ class Seqs:
             tokens = (chosen[:, None] * length + torch.arange(length, device=device)).reshape(-1)
             rows.append(start + tokens)
             groups.append((k, length))
-            scales.append(torch.full((k * length,), n / k, device=device))
+            scales.append(torch.full((k * length,), n / k, device=device, dtype=dtype))
             start += n * length
         return torch.cat(rows), Seqs(groups), torch.cat(scales)
 
