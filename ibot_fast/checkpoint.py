@@ -79,8 +79,9 @@ def check_compatible(ckpt: dict, cfg_dict: dict, path="checkpoint") -> None:
 # GPUs, a faster kernel path or a memory knob for them; how it is evaluated).
 OPERATIONAL = ("train.output_dir", "train.stop_at_iter", "train.device", "train.log_every",
                "train.save_every", "train.keep_every", "train.max_nonfinite",
-               "train.compile", "train.parallel", "train.fsdp_reshard_after_forward",
-               "train.fsdp_shard_size", "model.attention", "model.activation_checkpointing",
+               "train.compile", "train.cuda_graphs", "train.parallel",
+               "train.fsdp_reshard_after_forward", "train.fsdp_shard_size", "model.attention",
+               "model.activation_checkpointing",
                "data.path", "data.num_workers", "data.prefetch", "data.pipeline",
                "data.max_bad_fraction", "eval.knn_every", "eval.batch_size", "eval.knn_k",
                "eval.knn_temp", "eval.precision", "model.init_from")
