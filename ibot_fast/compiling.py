@@ -24,26 +24,26 @@ error on this machine), `compile_backbones` says why in one warning line and the
 on eagerly: it compiles one block, forward and backward, on the run's own shapes before
 the first step (`probe`), and that graph is reused by the training steps.
 
-CUDA graphs (`train.cuda_graphs`): small models are launch-bound (a ViT-S block is some
-forty kernels of a few microseconds each), so the compiled blocks can be replayed as CUDA
-graphs instead of launched kernel by kernel: torch.compile's mode "reduce-overhead"
-(CUDA Graph Trees), per block, forward and backward. What makes that sound here:
+CUDA graphs (`train.cuda_graphs`): a small model's step is many short kernels, so the
+host's launches can set its pace; the compiled blocks can instead be replayed as CUDA
+graphs, one launch each: torch.compile's mode "reduce-overhead" (CUDA Graph Trees), per
+block, forward and backward. What makes that sound here:
 - static shapes: every block sees the same shapes at every step (the batch is fixed, the
   last incomplete batch dropped; the masked-row buffer never reaches a block), so a
-  block's graphs are recorded once, in the first steps, and replayed after
+  block's graphs are recorded in the first steps and replayed after
   (tests/test_compiling.py records the shapes of a multi-epoch run);
 - no host synchronisation inside the blocks, nor anywhere in a step but its logging
   (tests/test_compiling.py counts the ops that would wait for the GPU);
-- fixed addresses: parameters are static inputs (one recording per block), and the
-  fast path's flat gradient buffers receive each graph's weight gradients by an
-  in-place add (a graph's outputs are overwritten by its next replay, so a gradient
-  must not be kept as the graph left it: the reference path would).
-CUDA Graph Trees start a new "generation" (and may reuse the previous one's memory) at
-each call made with no backward pending: each teacher block (no grad) and the student's
-first block; each teacher block's input is then copied into its graph's input buffer,
-one copy of the tokens per teacher block. The heads, the loss and the optimizer run
+- gradients that outlive a replay: a graph's outputs are overwritten by its next
+  replay, and the fast path's flat gradient buffers take each weight gradient by an
+  in-place add (the reference path's AccumulateGrad would keep the graph's tensor).
+Each block's parameters are the graph's inputs (one recording per block). CUDA Graph
+Trees start a new "generation" at each call made with no backward pending (each teacher
+block, which runs without grad, and the student's first block); such a call copies its
+token input into the graph's input buffer. The heads, the loss and the optimizer run
 eagerly around the graphs, so the masked-row buffer (which an i.i.d. batch may grow)
-needs no static size. `check_cuda_graphs` refuses the settings where this cannot hold.
+needs no static size. `check_cuda_graphs` refuses the settings where this cannot hold;
+gpu-marked tests check that graphed steps equal eager ones and that no graph is skipped.
 """
 import contextlib
 import logging
