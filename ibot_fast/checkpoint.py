@@ -274,8 +274,9 @@ OPERATIONAL = ("train.output_dir", "train.stop_at_iter", "train.device", "train.
                "train.tensorboard", "train.wandb",
                "train.save_every", "train.keep_every", "train.save_every_iters",
                "train.max_nonfinite", "train.trust_pickle",
-               "train.compile", "train.parallel", "train.fsdp_reshard_after_forward",
-               "train.fsdp_shard_size", "model.attention", "model.activation_checkpointing",
+               "train.compile", "train.cuda_graphs", "train.parallel",
+               "train.fsdp_reshard_after_forward", "train.fsdp_shard_size", "model.attention",
+               "model.activation_checkpointing",
                "data.path", "data.num_workers", "data.prefetch", "data.pipeline",
                "data.max_bad_fraction", "eval.knn_every", "eval.batch_size", "eval.knn_k",
                "eval.knn_temp", "eval.precision", "model.init_from")

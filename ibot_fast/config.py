@@ -138,6 +138,7 @@ class TrainConfig:
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row
     stop_at_iter: int = 0  # stop (with a checkpoint) after this global iteration; 0 = never
     compile: str = "auto"  # auto (compiled on CUDA, eager on the CPU) | true | false: per block
+    cuda_graphs: bool = False  # CUDA, fast path: replay the compiled blocks as CUDA graphs
     device: str = "auto"  # auto | cpu | cuda
     parallel: str = "ddp"  # several processes: ddp (whole copies) | fsdp (FSDP2: sharded)
     fsdp_reshard_after_forward: bool = True  # fsdp: regather weights in backward (ZeRO-3)

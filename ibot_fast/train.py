@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from . import UserError, checkpoint, dist, print_error, slurm
-from .compiling import compile_backbones, resolve_compile
+from .compiling import check_cuda_graphs, compile_backbones, resolve_compile
 from .config import build_config, derived, to_dict, to_yaml
 from .control import Signals, Status
 from .data import build_train_loader
@@ -199,6 +199,7 @@ class Trainer:
         """Regional compilation (ibot_fast/compiling.py) of the student's and teacher's
         blocks, when `train.compile` resolves to it; probed before the first step
         (except under FSDP, whose collectives the probe would have to join)."""
+        graphs = check_cuda_graphs(self.cfg, self.device, self.sharded)
         wanted, why = resolve_compile(self.cfg.train.compile, self.device)
         log.info("train.compile: %s (%s)", "regional, per block" if wanted else "off", why)
         if not wanted:
@@ -206,7 +207,7 @@ class Trainer:
         backbone = self.student_module.backbone
         return compile_backbones([backbone, self.teacher.backbone],
                                  None if self.sharded else self._probe_tokens(backbone),
-                                 self.autocast)
+                                 self.autocast, cuda_graphs=graphs)
 
     def _probe_tokens(self, backbone):
         """(tokens, seqs) shaped as the student's blocks see them in a step."""

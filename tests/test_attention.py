@@ -1,6 +1,9 @@
 """Attention backends, packed global + local crops, efficient stochastic depth."""
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ibot_fast import UserError
 from ibot_fast.models.attention import (Seqs, attention, packed_attention, resolve_backend,
@@ -203,8 +206,9 @@ def test_efficient_drop_path_matches_in_expectation():
 @pytest.mark.parametrize("pack", [False, True])
 def test_attention_backward_assembles_dqkv_with_one_copy(pack, op_counter):
     """The backward stacks dq, dk, dv straight into the qkv projection's layout (one
-    `stack` per attention call) and joins the packed groups with one `cat`: no zero-filled
-    full-size gradient (select_backward, slice_backward), no extra clone."""
+    `stack` per attention call; packed, into each group's rows of one buffer): no
+    zero-filled full-size gradient (select_backward, slice_backward), no extra clone, and
+    no per-block `cat` of the groups' gradients."""
     torch.manual_seed(0)
     model = vit("vit_demo", 32, 4, attention_backend="sdpa", pack_crops=pack)
     tg, tl = model.forward_crops(torch.randn(2, 3, 32, 32), None, torch.randn(4, 3, 16, 16))
@@ -216,8 +220,200 @@ def test_attention_backward_assembles_dqkv_with_one_copy(pack, op_counter):
     # the only slices: the position embedding's, split for the local crops' interpolation
     assert counts.get("slice_backward", 0) == 2
     assert counts.get("stack", 0) == len(model.blocks) * 2  # one per group of sequences
-    # packed: one cat per block (the groups' dqkv) and one for forward_crops' output split
-    assert counts.get("cat", 0) == (len(model.blocks) + 1 if pack else 0)
+    # packed: only the backward of forward_crops' output split, once per pass
+    assert counts.get("cat", 0) == (1 if pack else 0)
+
+
+COPY_OPS = {"copy_", "clone", "cat", "stack", "_to_copy", "index", "index_select",
+            "index_put", "index_add", "gather", "scatter"}
+
+
+class TokenCopies(TorchDispatchMode):
+    """Counts, by op name, the copies (`COPY_OPS`: contiguous() and copying reshapes
+    dispatch as clone) whose output has more elements than there are tokens, and names
+    the attention kernels that ran. Per-sequence or per-token vectors (drop-path masks)
+    are not counted; every activation is."""
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.tokens, self.copies, self.kernels = tokens, {}, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if "attention" in name or "attn" in name:
+            self.kernels.add(name)
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if name in COPY_OPS and first.numel() > self.tokens:
+            self.copies[name] = self.copies.get(name, 0) + 1
+        return out
+
+
+def block_copies(backend, pack, kernel=contextlib.nullcontext):
+    """(forward copies, backward copies, attention kernels) of one block, packed
+    (two groups of sequences) or not, with stochastic depth."""
+    torch.manual_seed(0)
+    block = Block(64, 4, drop_path=0.2, backend=backend)
+    seqs = Seqs([(4, 17), (6, 5)]) if pack else None
+    x = torch.randn(*((seqs.total,) if pack else (4, 17)), 64, requires_grad=True)
+    tokens = x.numel() // 64
+    with kernel():
+        with TokenCopies(tokens) as forward:
+            y = block(x, seqs)
+        grad = torch.randn_like(y)
+        with TokenCopies(tokens) as backward:
+            y.backward(grad)
+    return forward.copies, backward.copies, forward.kernels | backward.kernels
+
+
+def _sdpa_math_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+# (forward, backward) copies of token-sized tensors per block and attention call group:
+# the fused kernels read the qkv projection's strided views and write their output in
+# the layout the output projection reads (attention.py's docstring); the backward's one
+# copy per call is the stack of dq, dk, dv. The explicit softmax (ours, and SDPA's math
+# kernel) needs contiguous operands for its batched matmuls.
+COPIES_PER_BLOCK = {
+    ("sdpa", False): ({}, {"stack": 1}),
+    ("sdpa", True): ({"cat": 1}, {"stack": 2}),  # one dense call per group
+    ("sdpa_math_kernel", False): ({"clone": 4}, {"clone": 1, "stack": 1}),
+    ("sdpa_math_kernel", True): ({"clone": 8, "cat": 1}, {"clone": 2, "stack": 2}),
+    ("math", False): ({"clone": 4}, {"clone": 1, "stack": 1}),
+    ("math", True): ({"clone": 8, "cat": 1}, {"clone": 2, "stack": 2}),
+}
+
+
+@pytest.mark.parametrize("backend,pack", list(COPIES_PER_BLOCK))
+def test_copies_per_block(backend, pack):
+    """Pins the copies of token-sized tensors in one block's forward and backward, per
+    attention backend the CPU runs: SDPA's CPU flash kernel (the trainer's CPU choice)
+    reads q, k, v as strided views of the qkv projection and its output feeds the
+    output projection as a view, so a block copies nothing in its forward (packed: the
+    one `cat` of the groups' outputs) and once per attention call in its backward."""
+    kernel = _sdpa_math_kernel if backend == "sdpa_math_kernel" else contextlib.nullcontext
+    forward, backward, kernels = block_copies(backend.replace("_math_kernel", ""), pack,
+                                              kernel)
+    assert (forward, backward) == COPIES_PER_BLOCK[(backend, pack)]
+    if backend == "sdpa":
+        assert kernels == {"_scaled_dot_product_flash_attention_for_cpu",
+                           "_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
+def test_varlen_copies_per_block(cpu_flash_kernels):
+    """One variable-length call over the packed stream (torch's varlen op, CPU kernels
+    from the fixture): no copy in the forward (no per-group `cat`), one `stack` in the
+    backward."""
+    forward, backward, kernels = block_copies("varlen", True)
+    assert (forward, backward) == ({}, {"stack": 1})
+    assert cpu_flash_kernels["fwd"] == cpu_flash_kernels["bwd"] == 1
+
+
+def test_compiled_packed_block_has_no_per_block_split_or_grad_cat():
+    """Under torch.compile (the AOT graphs, traced once: aot_eager, no inductor) a packed
+    block's forward has one `cat` (the groups' attention outputs) and no `split`, and its
+    backward no `cat`: each group's dq, dk, dv are stacked into their rows of one buffer
+    (functionalized as stack + slice_scatter, which inductor writes in place)."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import default_partition
+
+    from ibot_fast.models.vit import run_block
+
+    graphs = {}
+
+    def backend(gm, inputs):
+        def keep(name):
+            def compiler(graph, _):
+                graphs[name] = [str(n.target) for n in graph.graph.nodes
+                                if n.op == "call_function"]
+                return make_boxed_func(graph)
+            return compiler
+        return aot_module_simplified(gm, inputs, fw_compiler=keep("fw"), bw_compiler=keep("bw"),
+                                     partition_fn=default_partition)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = Block(32, 2, backend="sdpa")
+    seqs = Seqs([(3, 5), (4, 3)])
+    fn = torch.compile(lambda x: run_block(block, x, seqs, "none"), backend=backend,
+                       fullgraph=True)
+    x = torch.randn(seqs.total, 32, requires_grad=True)
+    fn(x).sum().backward()
+    torch._dynamo.reset()
+    count = lambda ops, name: sum(op.startswith(f"aten.{name}.") for op in ops)  # noqa: E731
+    assert count(graphs["fw"], "cat") == 1
+    assert not any("split" in op for op in graphs["fw"])
+    assert count(graphs["bw"], "cat") == 0 and count(graphs["bw"], "stack") == 2
+    ref = block(x.detach().requires_grad_(), seqs)
+    torch.testing.assert_close(fn(x), ref)
+
+
+def _largest(shapes) -> int:
+    """The most elements among the (possibly nested) shapes a profiler event records."""
+    if not shapes:
+        return 0
+    if all(isinstance(n, int) for n in shapes):
+        return int(torch.Size(shapes).numel())
+    return max(_largest(s) for s in shapes if isinstance(s, (list, tuple)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["flash", "efficient", "cudnn", "varlen"])
+@pytest.mark.parametrize("pack", [False, True])
+def test_copies_per_block_on_cuda(kernel, pack):
+    """On CUDA, counted by the profiler (which also sees copies made inside the kernels'
+    host code; token-sized only): a bf16 ViT-S block with each SDPA kernel (and varlen,
+    packed) makes no copy in its forward but the packed groups' `cat`, and one `stack`
+    per attention call in its backward. Prints what it finds."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    if kernel == "varlen":
+        if not pack:
+            pytest.skip("varlen runs on packed sequences")
+        if not varlen_status(torch.device("cuda"))[0]:
+            pytest.skip(varlen_status(torch.device("cuda"))[1])
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION}
+    torch.manual_seed(0)
+    block = Block(384, 6, drop_path=0.1, backend="varlen" if kernel == "varlen" else "sdpa")
+    block = block.cuda().to(torch.bfloat16)
+    seqs = Seqs([(16, 197), (40, 37)]) if pack else None
+    x = torch.randn(*((seqs.total,) if pack else (16, 197)), 384, device="cuda",
+                    dtype=torch.bfloat16, requires_grad=True)
+    context = sdpa_kernel(backends[kernel]) if kernel in backends else contextlib.nullcontext()
+    try:
+        with context:
+            block(x, seqs).sum().backward()  # warm-up (and: does this kernel run here?)
+            torch.cuda.synchronize()
+            counts = {}
+            for phase in ("fwd", "bwd"):
+                if phase == "bwd":
+                    grad = torch.randn_like(y)
+                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                    if phase == "fwd":
+                        y = block(x, seqs)
+                    else:
+                        y.backward(grad)
+                    torch.cuda.synchronize()
+                counts[phase] = {}
+                for event in prof.events():
+                    if event.name in ("aten::copy_", "aten::cat", "aten::clone") and \
+                            _largest(event.input_shapes) > x.numel() // 384:
+                        counts[phase][event.name] = counts[phase].get(event.name, 0) + 1
+    except RuntimeError as e:
+        if "No available kernel" in str(e):
+            pytest.skip(f"{kernel} does not run here: {str(e).splitlines()[0]}")
+        raise
+    print(kernel, "packed" if pack else "dense", counts)
+    # stack is a cat inside; a contiguous() or copying reshape is a clone and a copy_
+    calls = len(seqs.groups) if pack and kernel != "varlen" else 1
+    assert counts["fwd"] == ({"aten::cat": 1} if pack and kernel != "varlen" else {})
+    assert counts["bwd"] == {"aten::cat": calls}
 
 
 def _dropped_rows(branch_grad, seqs):

@@ -4,10 +4,12 @@ Inductor compiles C++ kernels on the CPU here: each compiled test costs tens of 
 so the compiled run below checks several things at once. The kernels' torch twins stand
 in for Triton (Dynamo cannot trace the Triton interpreter)."""
 import logging
+import math
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ibot_fast import UserError, compiling
 from ibot_fast.config import build_config, from_dict, to_dict
@@ -22,6 +24,8 @@ def test_compile_setting_resolves_per_device():
     assert compiling.resolve_compile("auto", cpu)[0] is False
     assert compiling.resolve_compile("true", cpu) == (True, "configured")
     assert compiling.resolve_compile("false", cuda) == (False, "configured")
+    assert compiling.resolve_compile(True, cpu) == (True, "configured")  # set in code
+    assert compiling.resolve_compile(False, cuda) == (False, "configured")
 
 
 def test_compile_key_takes_auto_true_false():
@@ -156,3 +160,209 @@ def test_a_compiler_that_fails_at_start_leaves_the_run_eager(tmp_path, monkeypat
     assert "no C++ compiler here" in warnings[0].getMessage()
     assert "goes on eagerly" in warnings[0].getMessage()
     assert trainer.run()["iteration"] == 2
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_work(tmp_path):
+    """train.cuda_graphs needs CUDA, compiled blocks, the fast path's flat gradient
+    buffers and no FSDP: each missing piece is a one-line error at start."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    fast = ["train.impl=fast", "train.cuda_graphs=true"]
+    assert not compiling.check_cuda_graphs(build_config(None, ["train.impl=fast"]), cuda)
+    assert compiling.check_cuda_graphs(build_config(None, fast), cuda)
+    refusals = {
+        "CUDA GPU": (fast, cpu, False),
+        "train.compile=auto or true": (fast + ["train.compile=false"], cuda, False),
+        "train.impl=fast": (["train.impl=reference", "train.cuda_graphs=true"], cuda, False),
+        "fsdp": (fast, cuda, True),
+    }
+    for message, (overrides, device, sharded) in refusals.items():
+        with pytest.raises(UserError, match=message) as error:
+            compiling.check_cuda_graphs(build_config(None, overrides), device, sharded)
+        assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match="CUDA GPU"):  # the trainer asks at start
+        Trainer(tiny_config(tmp_path, "train.cuda_graphs=true", impl="fast"))
+
+
+def test_cuda_graphs_compile_the_blocks_in_reduce_overhead_mode(monkeypatch):
+    """With cuda_graphs the one block runner is torch.compile's mode reduce-overhead (CUDA
+    Graph Trees, forward and backward); without, the default mode."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    compiling.compiled_block_runner(cuda_graphs=True)
+    compiling.compiled_block_runner()
+    assert calls == [{"backend": "inductor", "mode": "reduce-overhead"}, {"backend": "inductor"}]
+
+
+class HostSyncs(TorchDispatchMode):
+    """What would make the host wait for a GPU, counted by name: reading a value on the
+    host (item, bool, int, float: `_local_scalar_dense`; `tolist`, `numpy`, `cpu`), ops
+    whose output size depends on the values (nonzero, masked_select, unique, boolean
+    indexing, repeat_interleave without output_size, equal), and
+    `torch.cuda.synchronize`. On the CPU nothing waits, but the same calls would on a
+    GPU, so a CPU run shows where a GPU run synchronises."""
+
+    VALUE_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique",
+                 "_unique2", "unique_dim", "unique_consecutive", "equal", "bincount"}
+    HOST_READS = ("tolist", "numpy", "cpu")
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+        self._patches = []
+
+    def _count(self, name):
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in self.VALUE_OPS:
+            self._count(name)
+        elif name in ("index", "index_put", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] if len(args) > 1 else ())):
+            self._count(f"{name} (boolean)")
+        elif name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and \
+                kwargs.get("output_size") is None and (
+                    len(args) == 1 or isinstance(args[1], torch.Tensor)):
+            self._count("repeat_interleave (no output_size)")
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        for owner, name in [(torch.Tensor, n) for n in self.HOST_READS] + \
+                [(torch.cuda, "synchronize")]:
+            original = getattr(owner, name)
+
+            def counted(*args, _original=original, _name=name, **kwargs):
+                self._count(_name)
+                return _original(*args, **kwargs)
+
+            setattr(owner, name, counted)
+            self._patches.append((owner, name, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for owner, name, original in self._patches:
+            setattr(owner, name, original)
+        self._patches.clear()
+        return super().__exit__(*exc)
+
+
+def test_host_syncs_are_seen():
+    """The detector's own check: each kind of synchronising call is counted."""
+    x = torch.randn(6)
+    with HostSyncs() as syncs:
+        float(x.sum())
+        bool(x[0] > 0)
+        x.tolist()
+        x[x > 0]
+        x.nonzero()
+        torch.arange(3).repeat_interleave(torch.tensor([1, 2, 3]))
+        torch.cuda.synchronize  # noqa: B018 (looked up, not called: not counted)
+    assert syncs.counts == {"_local_scalar_dense": 2, "tolist": 1, "index (boolean)": 1,
+                            "nonzero": 1, "repeat_interleave (no output_size)": 1}
+    assert "counted" not in torch.Tensor.tolist.__qualname__  # restored on exit
+
+
+@pytest.mark.parametrize("extra", [
+    (),  # two passes, official drop path, i.i.d. masks
+    ("model.pack_crops=true", "model.efficient_drop_path=true",
+     "masks.sampler=stratified"),  # one stream, DINOv2's drop path, fixed mask count
+])
+def test_steps_have_static_shapes_and_no_host_sync_outside_logging(tmp_path, twins, extra):
+    """What CUDA graphs need of a run, checked on a CPU run of 2 epochs (3 steps each,
+    logging every second step): every step hands the blocks (student and teacher) the
+    same sequence of shapes, dtypes, packings and modes, and the heads the same number
+    of masked rows; and nothing in a step reads a device value on the host, while each
+    logging step does (the detector's positive control)."""
+    trainer = Trainer(tiny_config(tmp_path, "train.log_every=2", "train.epochs=2",
+                                  "model.drop_path_rate=0.2", *extra, impl="fast"))
+    steps, syncs = [], {"step": [], "log": []}
+
+    def recording(runner):
+        def run(block, x, seqs, mode):
+            steps[-1].append((tuple(x.shape), x.dtype, seqs and tuple(seqs.groups), mode,
+                              block.training, torch.is_grad_enabled()))
+            return runner(block, x, seqs, mode)
+        return run
+
+    for backbone in (trainer.student_module.backbone, trainer.teacher.backbone):
+        backbone.block_runner = recording(backbone.block_runner)
+    train_step, log_step = trainer.train_step, trainer.log_step
+
+    def step(batch, it, epoch):
+        steps.append([("masked rows", batch["mask_index"].numel())])
+        with HostSyncs() as seen:
+            out = train_step(batch, it, epoch)
+        syncs["step"].append(seen.counts)
+        return out
+
+    def log(*args):
+        with HostSyncs() as seen:
+            out = log_step(*args)
+        syncs["log"].append(seen.counts)
+        return out
+
+    trainer.train_step, trainer.log_step = step, log
+    try:
+        assert trainer.run()["iteration"] == 6
+    finally:
+        trainer.close()
+    # 4 blocks: the teacher's, and the student's in one stream or in two passes
+    assert len(steps) == 6 and len(steps[0]) == 1 + 4 + 4 * (1 if extra else 2)
+    assert all(s == steps[0] for s in steps), "a step saw other shapes than the first"
+    assert syncs["step"] == [{}] * 6
+    # logging steps: iterations 2, 4 and the ends of the epochs (3, 6)
+    assert len(syncs["log"]) == 4 and all(counts for counts in syncs["log"])
+
+
+def _cuda_steps(tmp_path, name, *extra, steps=6):
+    """Losses of `steps` fast-path steps on CUDA over the first epoch's 3 batches, and the
+    student's weights after them."""
+    trainer = Trainer(tiny_config(tmp_path / name, "train.device=cuda", "optim.clip_grad=0",
+                                  "optim.freeze_last_layer=0", *extra, impl="fast"))
+    try:
+        trainer.loader.set_epoch(0)
+        batches = list(trainer.loader)
+        losses = [float(trainer.train_step(batches[it % len(batches)], it, 0)["loss"])
+                  for it in range(steps)]
+    finally:
+        trainer.close()
+    return losses, {n: p.detach().clone() for n, p in trainer.student_module.named_parameters()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pack", [False, True])
+def test_graphed_steps_equal_eager_steps(tmp_path, pack):
+    """On CUDA, train.cuda_graphs (the compiled blocks replayed as CUDA graphs once
+    recorded: warm-up, recording and replays over 6 steps) gives the losses and the
+    student weights of eager steps, and no graph is skipped. fp32 and no stochastic depth
+    (compiled random draws differ from eager ones by design)."""
+    options = ("train.precision=fp32", "model.drop_path_rate=0", f"model.pack_crops={pack}")
+    eager_losses, eager = _cuda_steps(tmp_path, "eager", *options, "train.compile=false")
+    counters.clear()
+    losses, graphed = _cuda_steps(tmp_path, "graphed", *options, "train.compile=true",
+                                  "train.cuda_graphs=true")
+    print("eager", eager_losses, "\ngraphed", losses, "\n", dict(counters["inductor"]))
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert sum(counters["graph_break"].values()) == 0
+    assert losses == pytest.approx(eager_losses, rel=1e-4)
+    for name, p in eager.items():
+        assert (graphed[name] - p).norm() <= 1e-4 * p.norm() + 1e-6, name
+
+
+@pytest.mark.gpu
+def test_graphed_steps_with_every_fast_path_option_run(tmp_path):
+    """On CUDA, bf16, stochastic depth (official and DINOv2's subsets: rand and randperm
+    inside the graphs), one token stream, i.i.d. masks: graphed steps run, give finite
+    losses close to eager ones (other random draws), and skip no graph."""
+    options = ("train.precision=bf16", "model.drop_path_rate=0.2", "model.pack_crops=true",
+               "model.efficient_drop_path=true")
+    eager_losses, _ = _cuda_steps(tmp_path, "eager", *options, "train.compile=false")
+    counters.clear()
+    losses, _ = _cuda_steps(tmp_path, "graphed", *options, "train.compile=true",
+                            "train.cuda_graphs=true")
+    print("eager", eager_losses, "\ngraphed", losses, "\n", dict(counters["inductor"]))
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert all(math.isfinite(v) for v in losses)
+    assert losses == pytest.approx(eager_losses, rel=0.05)

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ibot_fast.config import build_config
 from ibot_fast.models import IBOTHead, build_student_teacher
@@ -206,6 +207,107 @@ def test_layernorm_in_the_compute_dtype_skips_the_fp32_round_trip():
     assert y.dtype == torch.float32 and torch.equal(y, plain(x32))
 
 
+class Casts(TorchDispatchMode):
+    """dtype conversions (`_to_copy` or `copy_` into another dtype) by kind: `parameters`
+    (the output has the shape of a parameter of `params`: autocast's weight and bias
+    casts, and their gradients' way back to fp32), `activations` (more elements than
+    `tokens`), `small` (the rest: per-sample drop-path masks and scales, single tokens)."""
+
+    def __init__(self, tokens: int, params):
+        super().__init__()
+        self.tokens, self.shapes = tokens, {tuple(p.shape) for p in params}
+        self.kinds = {"activations": 0, "parameters": 0, "small": 0}
+        self.seen = []  # the shapes cast, in order
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        source = args[1] if name == "copy_" else args[0]
+        if name in ("_to_copy", "copy_") and source.dtype != out.dtype:
+            kind = "parameters" if tuple(out.shape) in self.shapes else \
+                "activations" if out.numel() > self.tokens else "small"
+            self.kinds[kind] += 1
+            self.seen.append(tuple(out.shape))
+        return out
+
+
+def block_casts(layernorm_fp32: bool, residual_fp32: bool, efficient: bool, pack: bool):
+    """(forward, backward) Casts.kinds of one student block (stochastic depth 0.2) under
+    bf16 autocast with CUDA's fp32 policy (replayed on the CPU), in the trainer's
+    setting: the stream in bf16 (or fp32), one autocast region with its weight cache."""
+    from benchmarks.cuda_autocast import CudaAutocastPolicy
+    from ibot_fast.models.attention import Seqs
+    from ibot_fast.models.vit import Block
+
+    torch.manual_seed(0)
+    block = Block(64, 4, drop_path=0.2, backend="sdpa", efficient_drop_path=efficient,
+                  layernorm_fp32=layernorm_fp32)
+    seqs = Seqs([(4, 17), (6, 5)]) if pack else None
+    x = torch.randn(*((seqs.total,) if pack else (4, 17)), 64, requires_grad=True,
+                    dtype=torch.float32 if residual_fp32 else torch.bfloat16)
+    tokens = x.numel() // 64
+    with torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocastPolicy():
+        with Casts(tokens, block.parameters()) as forward:
+            y = block(x, seqs)
+    grad = torch.randn_like(y)
+    with Casts(tokens, block.parameters()) as backward:
+        y.backward(grad)
+    return forward.kinds, backward.kinds
+
+
+# Per block, forward and backward: (activations, parameters, small) dtype conversions.
+# - parameters: autocast casts the 4 linear layers' weights and biases to bf16 (once per
+#   autocast region: its cache), and their gradients come back to fp32; bf16 LayerNorms
+#   cast their own weight and bias (CUDA's kernel wants the input's dtype) and get 4 more.
+# - activations: autocast's fp32 LayerNorm casts its bf16 input up and the next linear
+#   casts its output down (2 per LayerNorm, and their gradients back); an fp32 stream
+#   (residual_fp32) is cast down before each linear and the branches' bf16 gradients
+#   come from the fp32 adds. With bf16 LayerNorms and stream: none.
+# - small: the two drop-path masks (one value per sample, bool -> the stream's dtype: a
+#   launch each, no traffic; fused under torch.compile). The efficient drop path's
+#   scales are made in the stream's dtype: no cast.
+CASTS_PER_BLOCK = {
+    # (layernorm_fp32, residual_fp32): (forward, backward)
+    (True, False): ((4, 8, 2), (4, 8, 0)),
+    (False, False): ((0, 12, 2), (0, 12, 0)),
+    (True, True): ((2, 8, 2), (4, 8, 0)),
+    (False, True): ((2, 8, 2), (4, 8, 0)),  # an fp32 input: a plain fp32 LayerNorm
+}
+
+
+@pytest.mark.parametrize("layernorm_fp32,residual_fp32", list(CASTS_PER_BLOCK))
+@pytest.mark.parametrize("efficient,pack", [(False, False), (True, True)])
+def test_casts_per_block(layernorm_fp32, residual_fp32, efficient, pack):
+    """Pins the dtype conversions of a block's forward and backward per precision
+    setting (CASTS_PER_BLOCK says where each comes from)."""
+    forward, backward = block_casts(layernorm_fp32, residual_fp32, efficient, pack)
+    kinds = ("activations", "parameters", "small")
+    (fwd, bwd) = CASTS_PER_BLOCK[(layernorm_fp32, residual_fp32)]
+    if efficient:  # its subsets replace the two masks
+        fwd = fwd[:2] + (0,)
+    assert tuple(forward[k] for k in kinds) == fwd
+    assert tuple(backward[k] for k in kinds) == bwd
+
+
+def test_casts_before_the_blocks():
+    """prepare_tokens under bf16 autocast casts the patch embedding's weight and bias and
+    the images when they are fp32 (DALI's come in bf16), then one row each of the mask
+    token, the CLS token and the position table: nothing else with one row per image
+    (the CLS token is cast before it is expanded to the batch)."""
+    from benchmarks.cuda_autocast import CudaAutocastPolicy
+
+    model = vit("vit_demo", 32, 4)
+    masks = torch.rand(3, 64) < 0.3
+    once = [(128, 3, 4, 4), (128,), (1, 128), (1, 1, 128), (1, 65, 128)]
+    for images in (torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32).bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocastPolicy():
+            with Casts(1, model.patch_embed.parameters()) as casts:
+                tokens = model.prepare_tokens(images, masks)
+        assert tokens.dtype == torch.bfloat16
+        expected = once + ([(3, 3, 32, 32)] if images.dtype == torch.float32 else [])
+        assert sorted(casts.seen) == sorted(expected)
+
+
 def test_layernorm_fp32_key_reaches_every_layernorm():
     for value in (True, False):
         cfg = build_config("demo", [f"model.layernorm_fp32={str(value).lower()}"])
@@ -249,3 +351,35 @@ def test_layernorm_in_bf16_is_as_accurate_as_autocast_on_the_gpu():
     print("relative errors vs fp64 (fp32 LayerNorm, bf16 LayerNorm):", errors)
     for bf16_error, fp32_error in zip(errors[False], errors[True]):
         assert bf16_error <= 2 * fp32_error + 2 ** -9, errors
+
+
+@pytest.mark.gpu
+def test_layernorm_in_bf16_is_not_slower_on_the_gpu():
+    """The timing half of model.layernorm_fp32's decision (the accuracy half is the test
+    above): the packed ViT-B student backbone, forward + backward under bf16 autocast,
+    eager, batch 32 with 2 x 224 + 10 x 96 crops, each setting timed with CUDA events
+    (median of 10 after 3 warm-ups). bf16 LayerNorms move fewer bytes (no fp32 round
+    trip, benchmarks/results/README.md's census: ~10% of an eager step): they must not
+    be slower. Prints both times."""
+    times = {}
+    g = torch.randn(64, 3, 224, 224, device="cuda")
+    loc = torch.randn(320, 3, 96, 96, device="cuda")
+    for fp32 in (True, False):
+        torch.manual_seed(0)
+        model = vit("vit_base", 224, 16, drop_path_rate=0.1, attention_backend="sdpa",
+                    pack_crops=True, layernorm_fp32=fp32).cuda()
+        runs = []
+        for i in range(13):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                tg, tl = model.forward_crops(g, None, loc)
+            (tg.float().square().mean() + tl.float().square().mean()).backward()
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 3:
+                runs.append(start.elapsed_time(end))
+        times[fp32] = sorted(runs)[len(runs) // 2]
+    print(f"ViT-B packed student fwd+bwd, batch 32: fp32 LayerNorm {times[True]:.2f} ms, "
+          f"bf16 LayerNorm {times[False]:.2f} ms ({times[False] / times[True]:.3f}x)")
+    assert times[False] <= 1.03 * times[True], times

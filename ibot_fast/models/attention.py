@@ -19,6 +19,24 @@ linear layers and MLPs, and attention is restricted to each image's own tokens:
 - varlen: one call over all sequences (`cu_seqlens` from `Seqs`, made on the device);
 - sdpa / math: one dense call per group of equal-length sequences (a view of the packed
   tensor, no mask, no padding): block-diagonal by construction.
+
+Copies of token-sized tensors around attention, per call (pinned by
+tests/test_attention.py, counted op by op; CUDA's counted by the profiler in a gpu-marked
+test). q, k and v are strided views of the qkv projection ([.., 3, heads, head_dim]
+unbound, the heads moved by a transpose), which the fused kernels read as they are:
+SDPA's flash, cuDNN and memory-efficient kernels on CUDA and its flash kernel on the CPU
+need only a contiguous last dimension, and xformers and varlen take the token-major
+layout itself. Those kernels write their output token-major ([.., N, heads, head_dim]
+under the [.., heads, N, head_dim] view), so the reshape that feeds the output
+projection is a view too. What remains:
+- forward: nothing (one sequence group, or varlen); one `cat` of the groups' outputs
+  per call with dense per-group kernels (each kernel allocates its own output);
+- backward: one copy, the `stack` of dq, dk, dv into the projection's layout (the
+  kernels return them as three tensors); for packed groups each group's stack writes
+  its rows of one gradient buffer (`_GroupViews`), so the groups are never
+  concatenated.
+The `math` backend (the explicit softmax of the official code) copies more: its batched
+matmuls need contiguous operands (4 copies forward, 1 more backward, per call).
 """
 import functools
 import logging
@@ -76,11 +94,12 @@ class Seqs:
             start += n
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def sample(self, keep: float, device):
+    def sample(self, keep: float, device, dtype=torch.float32):
         """A random subset of round(count * keep) sequences per group (at least one).
 
         Returns (token rows [T_sub] int64 into the packed tensor, the subset's Seqs,
-        scale [T_sub] = count / kept of the row's group) for DINOv2-style stochastic depth.
+        scale [T_sub] = count / kept of the row's group, in `dtype`) for DINOv2-style
+        stochastic depth.
         """
         rows, groups, scales, start = [], [], [], 0
         for n, length in self.groups:
@@ -89,7 +108,7 @@ class Seqs:
             tokens = (chosen[:, None] * length + torch.arange(length, device=device)).reshape(-1)
             rows.append(start + tokens)
             groups.append((k, length))
-            scales.append(torch.full((k * length,), n / k, device=device))
+            scales.append(torch.full((k * length,), n / k, device=device, dtype=dtype))
             start += n * length
         return torch.cat(rows), Seqs(groups), torch.cat(scales)
 
@@ -133,6 +152,37 @@ def split_qkv(qkv: torch.Tensor, n: int, length: int, heads: int):
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
+class _GroupViews(torch.autograd.Function):
+    """q, k, v of every group of packed sequences, as `split_qkv` views
+    [count, heads, length, head_dim] of the packed projection [T, 3 dim], in group order
+    (q, k, v of the first group, then of the second, ...).
+
+    The backward writes each group's dq, dk, dv straight into its rows of one [T, 3 dim]
+    gradient (`stack` with `out=`): one copy in all, the one each attention call needs
+    anyway. Autograd's own views (`split`, then `unbind` per group) would stack every
+    group's gradient and then concatenate the groups: a second copy of the whole qkv
+    gradient in every block. Traced by torch.compile as it is (no graph break)."""
+
+    @staticmethod
+    def forward(ctx, qkv, groups, heads):
+        ctx.groups, ctx.heads, ctx.shape = groups, heads, qkv.shape
+        views, start = [], 0
+        for n, length in groups:
+            views += split_qkv(qkv[start:start + n * length], n, length, heads)
+            start += n * length
+        return tuple(views)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        d_qkv = grads[0].new_empty(ctx.shape)
+        start = 0
+        for i, (n, length) in enumerate(ctx.groups):
+            rows = d_qkv[start:start + n * length].view(n, length, 3, ctx.heads, -1)
+            torch.stack([g.transpose(1, 2) for g in grads[3 * i:3 * i + 3]], dim=2, out=rows)
+            start += n * length
+        return d_qkv, None, None
+
+
 def packed_attention(qkv: torch.Tensor, seqs: Seqs, heads: int, backend: str) -> torch.Tensor:
     """Attention of packed tokens within their own sequence: qkv [T, 3 * dim] -> [T, dim]."""
     T, three_dim = qkv.shape
@@ -152,10 +202,10 @@ def packed_attention(qkv: torch.Tensor, seqs: Seqs, heads: int, backend: str) ->
         cu = seqs.cu_seqlens(qkv.device)
         longest = max(length for _, length in seqs.groups)
         return varlen_attn(q, k, v, cu, cu, longest, longest).reshape(T, dim)
+    views = _GroupViews.apply(qkv, seqs.groups, heads)
     outs = []
-    for group in seqs.split(qkv):
-        n, length = group.shape[:2]
-        out = attention(*split_qkv(group, n, length, heads), backend)  # [n, heads, length, d]
+    for i, (n, length) in enumerate(seqs.groups):
+        out = attention(*views[3 * i:3 * i + 3], backend)  # [n, heads, length, d]
         outs.append(out.transpose(1, 2).reshape(n * length, dim))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 

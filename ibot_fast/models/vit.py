@@ -258,14 +258,15 @@ class Block(nn.Module):
         """(rows, their Seqs, scale) of DINOv2's stochastic depth: a random subset of
         round(B (1 - p)) samples, scaled by B / subset (one value per row: a sample, or a
         packed token; a tensor, so that torch.compile's symbolic sizes never become a
-        Python float)."""
+        Python float; in the stream's dtype, so that neither add_rows nor its backward
+        casts it)."""
         keep = 1.0 - self.drop_path
         if seqs is None:
             B = x.shape[0]
             k = max(1, int(round(B * keep)))
             return (torch.randperm(B, device=x.device)[:k], None,
-                    torch.full((k,), B / k, device=x.device))
-        return seqs.sample(keep, x.device)
+                    torch.full((k,), B / k, device=x.device, dtype=x.dtype))
+        return seqs.sample(keep, x.device, x.dtype)
 
 
 def _per_row(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -403,7 +404,7 @@ class VisionTransformer(nn.Module):
             # torch.where keeps the mask token in the graph even when nothing is masked,
             # so its gradient is always defined (DDP sees it used every step).
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.interpolate_pos_embed(h, w).to(x.dtype)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
