@@ -310,8 +310,8 @@ class Trainer:
     def forward_masked(self, batch, global_crops, local_crops, masks, epoch) -> dict:
         """Fast path: the heads see [CLS tokens ; masked patch tokens] only (issue 4)."""
         count = batch["mask_count"]
-        masked = MaskedRows.from_masks(masks, batch["mask_index"].to(self.device), count,
-                                       batch["mask_index"].numel())
+        index = batch["mask_index"].to(self.device, non_blocking=True)  # pinned: no host wait
+        masked = MaskedRows.from_masks(masks, index, count, index.numel())
         fused = self.cfg.loss.fused_last_layer
         with self.autocast():
             with phase("teacher"):
