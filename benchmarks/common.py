@@ -183,8 +183,11 @@ def peak_memory_mib(device: torch.device):
 
 
 def train_label(row) -> str:
-    """A full-step row's path: "reference (math)" (the official code's attention),
-    "reference (sdpa)", "fast" or "fast +compile"."""
+    """A full-step row's label: bench_train's `row` ("reference (math)", "preset",
+    "dinov2style", ...); rows recorded before it had one: "reference (math)" (the official
+    code's attention), "reference (sdpa)", "fast" or "fast +compile"."""
+    if row.get("row"):
+        return row["row"]
     if row.get("impl") == "reference":
         attention = next((o.split("=", 1)[1] for o in row.get("overrides", [])
                           if o.startswith("model.attention=")), "sdpa")
@@ -193,7 +196,7 @@ def train_label(row) -> str:
 
 
 def latest_train_rows(rows, device: str = None):
-    """The last row per (device, model, path) of non-smoke full-step rows, each with
+    """The last row per (device, model, label) of non-smoke full-step rows, each with
     speed-up and memory ratio against both references of its device and model."""
     last = {}
     for r in rows:
@@ -206,7 +209,8 @@ def latest_train_rows(rows, device: str = None):
                 r[f"x_vs_{attention}"] = r["img_per_s"] / base["img_per_s"]
                 r[f"mem_vs_{attention}"] = r["peak_alloc_mib"] / base["peak_alloc_mib"] \
                     if r.get("peak_alloc_mib") and base.get("peak_alloc_mib") else None
-    order = {"reference (math)": 0, "reference (sdpa)": 1, "fast": 2, "fast +compile": 3}
+    order = {"reference (math)": 0, "reference (sdpa)": 1, "fast": 2, "fast +compile": 3,
+             "preset": 2, "dinov2style": 4}
     return sorted(last.values(), key=lambda r: (r["device"], r["model"],
                                                  order.get(r["path"], 9), r["path"]))
 

@@ -3,10 +3,10 @@
     python -m benchmarks.plot                 # every device found in results/train.jsonl
     python -m benchmarks.plot --device H100   # rows whose device name contains "H100"
 
-train.png: images/sec and peak memory per model and path (latest row per device, model and
-path: reference with the official code's math attention, reference with SDPA, fast, fast
-+compile), with the speed-up and memory ratio against the math-attention reference written
-on the bars.
+train.png: images/sec and peak memory per model and row (latest row per device, model and
+label: reference with the official code's math attention, reference with SDPA, the preset,
+its data-fed and DINOv2-style rows, variants; older rows: fast, fast +compile), with the
+speed-up and memory ratio against the math-attention reference written on the bars.
 Nothing runs at import time.
 """
 import argparse

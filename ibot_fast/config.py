@@ -189,7 +189,7 @@ _FLAT = {"optim.fuse_ema": True}
 # including those that change what is computed (a fixed masked-token count per batch, the
 # patch center from masked tokens only) or its rounding (LayerNorms in bf16). A user picks
 # these semantics by name; the paper presets keep the official ones.
-_DINOV2_STYLE = {
+DINOV2_STYLE = {
     "masks.sampler": "stratified",
     "loss.center2_from": "masked",
     "model.pack_crops": True,
@@ -240,7 +240,7 @@ PRESETS = {
                            "train.fsdp_reshard_after_forward": False},
 }
 for _name in ("vit_small_16", "vit_base_16", "vit_large_16"):
-    PRESETS[f"{_name}_dinov2style"] = {**PRESETS[f"{_name}_paper"], **_DINOV2_STYLE}
+    PRESETS[f"{_name}_dinov2style"] = {**PRESETS[f"{_name}_paper"], **DINOV2_STYLE}
 
 
 def all_keys(cfg: Config = None):

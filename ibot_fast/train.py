@@ -294,9 +294,8 @@ class Trainer:
         """The fast path's masked patch tokens as rows of a fixed-size buffer."""
         if not self.fast:
             return None
-        index = batch["mask_index"]
-        return MaskedRows.from_masks(masks, index.to(self.device), batch["mask_count"],
-                                     index.numel())
+        index = batch["mask_index"].to(self.device, non_blocking=True)  # pinned: no wait
+        return MaskedRows.from_masks(masks, index, batch["mask_count"], index.numel())
 
     def teacher_forward(self, global_crops, masked):
         if masked is None:  # official: heads on every token

@@ -13,39 +13,110 @@ def results(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture
+def twins(monkeypatch):
+    """The kernels' pure-PyTorch twins on CPU tensors, as a CPU run outside the tests
+    gets them (the interpreter's kernels are tested in test_kernel_*.py)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 def read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_bench_train_smoke_both_paths(results):
-    assert bench_train.main(["--smoke", "--no-phases"]) == 0
+def test_bench_train_rows_of_a_preset(results, twins):
+    """--smoke --preset demo: the reference rows, the preset as a user gets it (eager on
+    the CPU), the DINOv2-style row and a variant, each against the run's first row, with
+    its config's difference from the preset."""
+    assert bench_train.main(["--smoke", "--steps", "1", "--preset", "demo", "--phases", "none",
+                             "--variant", "optim.fuse_ema=true", "--run-id", "r1"]) == 0
     rows = read(results / "train.jsonl")
-    assert {r["impl"] for r in rows} == {"reference", "fast"}
+    assert [r["row"] for r in rows] == ["reference (math)", "reference (sdpa)", "preset",
+                                        "dinov2style", "optim.fuse_ema=true"]
+    first = rows[0]
     for r in rows:
         assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0 and r["device"].startswith("cpu")
+        assert r["run"] == "r1" and r["preset"] == "demo" and r["git"]
         assert "mfu" not in r  # the CPU has no peak in the table: no MFU, not a guess
-    fast = next(r for r in rows if r["impl"] == "fast")
-    assert "speedup" in fast
+        assert r["compiled"] is False and r["startup_s"] >= 0  # compile auto: eager on CPU
+    assert "speedup" not in first
+    for r in rows[1:]:
+        assert r["speedup"] == pytest.approx(r["img_per_s"] / first["img_per_s"])
+        assert r["speedup_vs"] == "reference (math)"
+    diff = {r["row"]: r["config_diff"] for r in rows}
+    assert diff["reference (math)"]["train.impl"] == "reference"
+    assert diff["reference (math)"]["model.attention"] == "math"
+    assert diff["reference (sdpa)"]["model.attention"] == "sdpa"
+    assert "train.impl" not in diff["preset"]
+    assert diff["dinov2style"]["masks.sampler"] == "stratified"
+    assert diff["dinov2style"]["model.pack_crops"] is True
+    assert diff["optim.fuse_ema=true"]["optim.fuse_ema"] is True
 
 
-@pytest.mark.parametrize("pipeline", ["cpu", "dali"])
-def test_bench_train_smoke_with_data(results, pipeline):
-    """--with-data feeds every warm-up and timed step from the pipeline (synthetic JPEGs
-    on disk, decoded and augmented); it used to stop at the second step (a one-batch
-    source). Epoch cycling itself: test_epochs_cycles_the_loader."""
-    if pipeline == "dali":
-        pytest.importorskip("nvidia.dali")
-    assert bench_train.main(["--smoke", "--no-phases", "--with-data", "--workers", "0",
-                             "--pipeline", pipeline, "--impls", "fast"]) == 0
+def test_bench_train_smoke_of_a_paper_preset_uses_its_dinov2style_twin(results, twins):
+    assert bench_train.main(["--smoke", "--steps", "1", "--preset", "vit_small_16_paper", "--rows",
+                             "preset,dinov2style", "--phases", "preset"]) == 0
+    preset, twin = read(results / "train.jsonl")
+    assert preset["model"] == twin["model"] == "vit_demo"  # --smoke shrinks any preset
+    assert preset["phases_ms"]["backward"] > 0 and "phases_ms" not in twin
+    assert twin["preset"] == "vit_small_16_paper"
+    assert "data.source" in twin["config_diff"]  # synthetic batches, not the preset's folder
+    assert twin["config_diff"]["loss.center2_from"] == "masked"
+    assert "loss.center2_from" not in preset["config_diff"]
+
+
+def test_bench_train_with_data_from_jpegs_on_disk(results, twins, tmp_path):
+    """--with-data feeds every warm-up and timed step from the pipeline, reading JPEGs
+    from disk (an ImageFolder and webdataset shards of the same files, made under
+    --data-dir), beside the synthetic step; with DALI installed its CPU graph too."""
+    variants = []
+    try:
+        import nvidia.dali  # noqa: F401
+        variants = ["--data-variant", "data.pipeline=dali"]
+    except ImportError:
+        pass
+    data = tmp_path / "data"
+    assert bench_train.main(["--smoke", "--steps", "1", "--rows", "preset,data", "--phases", "none",
+                             "--with-data", "folder,webdataset", "--data-dir", str(data),
+                             *variants]) == 0
     rows = read(results / "train.jsonl")
-    assert rows and all(r["with_data"] and r["img_per_s"] > 0 for r in rows), rows
+    fed = [r for r in rows if r["with_data"]]
+    assert [r["row"] for r in fed[:2]] == ["preset + data (cpu, folder)",
+                                          "preset + data (cpu, webdataset)"]
+    assert len(fed) == 2 + len(variants)
+    for r in fed:
+        assert r["img_per_s"] > 0 and r["vs_synthetic"] > 0 and r["data_wait_ms"] >= 0, r
+    if variants:
+        assert {r["pipeline"] for r in fed[2:]} == {"dali"}
+    jpegs = sorted(data.glob("ibot_fast_bench_jpeg_*/class*/*.jpg"))
+    shards = sorted(data.glob("ibot_fast_bench_jpeg_*_wds/*.tar"))
+    assert len(jpegs) >= 4 * (1 + 2) and shards
+    from PIL import Image
+    with Image.open(jpegs[0]) as img:
+        assert img.format == "JPEG" and img.size == bench_train.SMOKE_IMAGE_SIZE
 
 
-def test_bench_train_smoke_checkpointing(results):
-    assert bench_train.main(["--smoke", "--no-phases", "--impls", "fast",
-                             "--checkpointing", "selective"]) == 0
-    (row,) = read(results / "train.jsonl")
-    assert row["img_per_s"] > 0 and "model.activation_checkpointing=selective" in row["overrides"]
+def test_bench_train_plans_the_rows_it_is_asked_for():
+    args = bench_train.parse_args(["--preset", "vit_small_16_paper,vit_base_16_paper",
+                                   "train.batch_size=64", "--with-data", "--variant",
+                                   "model.activation_checkpointing=full", "--data-variant",
+                                   "data.num_workers=16"])
+    rows = list(bench_train.plan_rows(args))
+    assert [(r.preset, r.label) for r in rows[:7]] == [
+        ("vit_small_16_paper", "reference (math)"), ("vit_small_16_paper", "reference (sdpa)"),
+        ("vit_small_16_paper", "preset"), ("vit_small_16_paper", "preset + data"),
+        ("vit_small_16_paper", "dinov2style"),
+        ("vit_small_16_paper", "model.activation_checkpointing=full"),
+        ("vit_small_16_paper", "data + data.num_workers=16")]
+    assert len(rows) == 14 and rows[3].source == "folder"
+    assert rows[4].build_preset == "vit_small_16_dinov2style"
+    for r in rows:  # the user's overrides reach every row, before the row's own keys
+        assert "train.batch_size=64" in r.overrides
+    assert rows[0].overrides[-3:] == ["train.impl=reference", "model.attention=math",
+                                      "train.compile=false"]
+    assert bench_train.parse_args(["--smoke"]).preset == ["demo"]
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--preset", "vit_tiny_paper"])
 
 
 def test_bench_centered_ce_tilings_smoke(results):
@@ -78,13 +149,24 @@ def test_epochs_cycles_the_loader():
 def test_step_flops_formula():
     from ibot_fast.config import build_config
 
-    cfg = build_config("vit_small_16_paper", ["data.path=/x", "data.n_local=10"])
-    ref = bench_train.step_flops(cfg, "reference", 0)
-    fast = bench_train.step_flops(cfg, "fast", 29.4)
+    def flops(*keys, rows=29.4):
+        return bench_train.step_flops(build_config("vit_small_16_paper",
+                                                   ["data.path=/x", *keys]), rows)
+
+    ref = flops("train.impl=reference", rows=0)
+    fast = flops()
     # ViT-S/16 forward on one 224 crop: 4.6 G multiply-adds (DeiT's "4.6 GFLOPs"), 9.2 GFLOP
     one = bench_train.vit_forward_flops(197, 384, 12, 256)
     assert one == pytest.approx(9.2e9, rel=0.02)
     assert fast < ref  # the fast path skips the heads on unmasked and local patch tokens
+    # the teacher's MLP on every global token (center2 from all) vs on the masked rows
+    h = bench_train.head_flops(2 * 197 - 2 - 29.4, 384, 2048, 256, 8192, last=False)
+    assert fast - flops("loss.center2_from=masked") == pytest.approx(h)
+    # efficient stochastic depth skips (mean rate) of the student's block FLOPs
+    blocks = 3 * (2 * 12 * (24 * 197 * 384**2 + 4 * 197**2 * 384) +
+                  10 * 12 * (24 * 37 * 384**2 + 4 * 37**2 * 384))
+    assert fast - flops("model.efficient_drop_path=true") == pytest.approx(0.05 * blocks)
+    assert flops("model.activation_checkpointing=full") == fast  # model FLOPs only
 
 
 @pytest.mark.parametrize("module,name", [("bench_attention", "attention"),
@@ -100,17 +182,52 @@ def test_other_benchmarks_smoke(results, module, name):
     assert rows and all(r["smoke"] for r in rows)
 
 
-def test_plot_and_summary(results):
+def test_plot_and_summary(results, twins, capsys):
     from benchmarks import plot, summary
 
-    assert bench_train.main(["--smoke", "--no-phases"]) == 0
+    assert bench_train.main(["--smoke", "--steps", "1", "--phases", "none", "--rows",
+                             "reference_math,preset", "--run-id", "r2"]) == 0
     rows = read(results / "train.jsonl")
     for r in rows:  # the plot skips smoke rows: pretend these came from a real run
         r["smoke"] = False
     (results / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert plot.main(["--results", str(results)]) == 0
     assert (results / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert summary.main(["--results", str(results)]) == 0
+    capsys.readouterr()
+    assert summary.main(["--results", str(results), "--markdown",
+                         str(results / "headline.md")]) == 0
+    out = capsys.readouterr().out
+    assert "run r2" in out and "reference (math)" in out and "not run" in out
+    md = (results / "headline.md").read_text()
+    assert "| demo | preset |" in md and rows[0]["git"] in md
+
+
+def test_headline_table_says_why_a_row_is_missing_and_checks_the_goals():
+    from benchmarks.summary import goals, headline_rows
+
+    def row(kind, label, img_per_s, **extra):
+        return dict(preset="vit_small_16_paper", model="vit_small", kind=kind, row=label,
+                    img_per_s=img_per_s, dali=None, **extra)
+
+    rows = [row("reference_math", "reference (math)", 100.0),
+            row("preset", "preset", 320.0, speedup=3.2),
+            row("data_variant", "data (cpu, folder) + data.num_workers=16", 250.0,
+                with_data="folder", pipeline="cpu", vs_synthetic=0.78),
+            row("dinov2style", "dinov2style", 350.0)]
+    table = headline_rows(rows, ["vit_small_16_paper", "vit_base_16_paper"])
+    small = [(r["row"], r["note"]) for r in table if r["preset"] == "vit_small_16_paper"]
+    assert small == [("reference (math)", None), ("reference (sdpa)", "not run"),
+                     ("preset", None), ("preset + data (dali, folder)", "DALI not installed"),
+                     ("dinov2style", None),
+                     ("data (cpu, folder) + data.num_workers=16", None)]
+    assert [r["note"] for r in table if r["preset"] == "vit_base_16_paper"] == \
+        ["not run"] * 3 + ["DALI not installed", "not run"]
+    assert goals(table) == ["vit_small: the preset is 3.20x the math reference (goal >= "
+                            "3.0x: met)"]
+    dali = row("data", "preset + data (dali, folder)", 300.0, with_data="folder",
+               pipeline="dali", vs_synthetic=0.93)
+    assert "93% of the synthetic step's images/sec (goal >= 90%: met)" in \
+        goals(headline_rows(rows + [dali]))[1]
 
 
 def test_latest_train_rows_ratios_against_both_references():
@@ -256,3 +373,31 @@ def test_bench_memory_smoke_orders_the_paths(results):
     assert per_img["reference (math) fp32 residual"] == pytest.approx(
         per_img["reference (math)"], rel=1e-3)
     assert rows["fast"]["persistent_mib"] > 0
+
+
+def test_run_gpu_smoke_prints_the_headline_table_last(tmp_path):
+    """run_gpu.sh's default stages in smoke mode, on the CPU: packages, the correctness
+    stage (collected only: the kernels need the GPU), the table (one preset, the preset
+    and its data-fed row, one step each) and the summary, whose table is the last thing
+    printed, with the rows that did not run marked."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, SMOKE="1", RESULTS=str(tmp_path / "results"), PYTHON=sys.executable,
+               TABLE_PRESETS="vit_small_16_paper", TRITON_INTERPRET="0",
+               TABLE_ARGS=f"--steps 1 --phases none --rows preset,data "
+                          f"--data-dir {tmp_path / 'data'}")
+    env.pop("STAGES", None)
+    out = subprocess.run(["bash", "benchmarks/run_gpu.sh"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600).stdout
+    assert "pytest kernels exit code 0" in out and "pytest gpu exit code 0" in out, out
+    table = out[out.rindex("=== summary"):].splitlines()
+    head = next(i for i, line in enumerate(table) if line.startswith("preset "))
+    rows = table[head + 1:]
+    assert rows[0].split()[:2] == ["vit_small_16_paper", "reference"] and "not run" in rows[0]
+    assert any(line.split()[1:3] == ["preset", "4"] for line in rows), table
+    assert any("preset + data (cpu, folder)" in line for line in rows), table
+    assert (tmp_path / "results" / "headline.md").exists()

@@ -341,6 +341,120 @@ def test_half_outputs(folder, dtype):
     assert torch.allclose(b["locals"].float(), a["locals"], atol=tol)
 
 
+
+class _StandInPipeline:
+    """The calls DaliTrainLoader makes of a DALI pipeline: `schedule_run` runs the
+    external source `prefetch` batches ahead (then one per call), `share_outputs` hands
+    one batch's crops over; `log` records how."""
+
+    def __init__(self, source, depth, crop_shapes, log):
+        self.source, self.depth, self.shapes, self.log = source, depth, crop_shapes, log
+        self.queue, self.first = [], True
+
+    def schedule_run(self):
+        for _ in range(self.depth if self.first else 1):
+            self.first = False
+            try:
+                self.queue.append(self.source())
+            except StopIteration:
+                break
+        self.log.append(("ahead", len(self.queue)))
+
+    def share_outputs(self, cuda_stream=None):
+        self.log.append(("share", cuda_stream))
+        if not self.queue:
+            raise StopIteration
+        self.queue.pop(0)
+        return [_StandInOutput(shape) for shape in self.shapes]
+
+    def release_outputs(self):
+        self.log.append(("release",))
+
+    def reset(self):
+        pass
+
+
+class _StandInOutput:
+    def __init__(self, shape):
+        self.shape = shape
+
+    def as_tensor(self):
+        return self
+
+
+def test_hand_over_never_waits(folder, monkeypatch):
+    """The GPU hand-over, with a stand-in pipeline and stand-in CUDA calls (no GPU here):
+    DALI's outputs are bound to torch's current stream, each crop is copied
+    asynchronously on that stream into a fresh batch tensor (a batch still held is
+    never written again), one event is recorded after the copies and then only polled:
+    the host waits on it only when the GPU is more than 2 x prefetch + 2 batches behind,
+    and never synchronises the device or a stream. DALI stays `prefetch` batches ahead.
+    What this cannot show (a GPU run must): that DALI's kernels, on their own stream,
+    leave the step its speed (`bench_train --with-data`, vs_synthetic)."""
+    import nvidia.dali.plugin.pytorch as dali_torch
+
+    cfg = make_cfg(folder, "train.batch_size=4", "data.prefetch=2")
+    loader = D.build_dali_loader(cfg)
+    B, gsize, lsize = 4, 32, 16
+    log = []
+
+    class Stream:
+        def synchronize(self):
+            raise AssertionError("a stream was synchronised")
+
+    class Event:
+        def record(self, stream):
+            log.append(("record", stream))
+
+        def query(self):
+            log.append(("query",))
+            return False  # the GPU is busy: the loader must not wait for it
+
+        def synchronize(self):
+            log.append(("wait",))
+
+    def feed_ndarray(tensor, target, cuda_stream=None):
+        assert list(target.shape) == [B, 3, *tensor.shape], (target.shape, tensor.shape)
+        value = float(len(log))
+        log.append(("copy", cuda_stream, target.data_ptr(), value))
+        return target.fill_(value)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the device was synchronised")
+
+    stream = Stream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", forbidden)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    monkeypatch.setattr(dali_torch, "feed_ndarray", feed_ndarray)
+    loader.gpu = True
+    shapes = [(gsize, gsize)] * 2 + [(lsize, lsize)] * loader.n_local
+    loader.pipe = _StandInPipeline(loader._next_inputs, loader.prefetch, shapes, log)
+    loader.set_epoch(0)
+    held, batches = [], 0
+    for batch in loader:
+        batches += 1
+        held.append(batch)  # the step still reads these: no later copy may land in them
+        ahead = [entry[1] for entry in log if entry[0] == "ahead"][-1]
+        assert ahead >= min(loader.prefetch, len(loader) - batches), log
+    assert batches == len(loader) == 16
+    shares = [e for e in log if e[0] == "share"]
+    copies = [e for e in log if e[0] == "copy"]
+    assert all(e[1] is stream for e in shares) and len(shares) == batches + 1
+    assert all(e[1] is stream for e in copies) and len(copies) == batches * len(shapes)
+    assert len({e[2] for e in copies}) == len(copies)  # every crop into fresh memory
+    records = [e for e in log if e[0] == "record"]
+    assert len(records) == batches and all(e[1] is stream for e in records)
+    # one event per batch is held; the host waits only on events 2 x prefetch + 2 old
+    cap = 2 * loader.prefetch + 2
+    assert sum(e[0] == "wait" for e in log) == batches - cap
+    for i, batch in enumerate(held):  # what each batch was given is still there
+        _, _, pointer, value = copies[i * len(shapes)]
+        assert batch["globals"].data_ptr() == pointer
+        assert bool((batch["globals"][:B] == value).all())
+
+
 @pytest.mark.gpu
 def test_gpu_pipeline_matches_the_cpu_graph(folder):
     """nvJPEG/GPU operators give the CPU graph's crops (PNG sources: lossless decode on

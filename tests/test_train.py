@@ -593,3 +593,50 @@ def test_resume_leaves_no_checkpoint_file_mapped(tmp_path):
     assert trainer.optimizer.state  # moments were loaded
     maps = open("/proc/self/maps").read()
     assert f"{tmp_path / 'checkpoint.pth'} (deleted)" not in maps
+
+
+def test_a_step_copies_its_batch_without_waiting(tmp_path):
+    """Every tensor of the batch goes to the device with non_blocking=True: both pipelines
+    hand over pinned memory, from which a blocking copy makes the host wait for the
+    GPU's whole queue (the previous step) at every step. Recorded here on the CPU."""
+    from torch.overrides import TorchFunctionMode
+
+    trainer = Trainer(tiny_config(tmp_path, impl="fast"))
+    trainer.loader.set_epoch(0)
+    batch = next(iter(trainer.loader))
+    names = {id(v): k for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    copies = {}
+
+    class RecordCopies(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.to and args and id(args[0]) in names:
+                copies[names[id(args[0])]] = kwargs.get("non_blocking", False)
+            return func(*args, **kwargs)
+
+    with RecordCopies():
+        trainer.train_step(batch, 1, 0)
+    assert {"globals", "locals", "masks", "mask_index"} <= set(copies), copies
+    assert all(copies.values()), copies
+
+
+@pytest.mark.gpu
+def test_a_step_fed_from_pinned_memory_never_synchronises(tmp_path):
+    """On a GPU: steps of the fast path on a batch as the CPU pipeline hands it over
+    (pinned host memory) make no synchronising CUDA call (torch's sync debug mode raises
+    on one), so the host can queue the next step while the GPU runs this one."""
+    trainer = Trainer(tiny_config(tmp_path, "train.device=cuda", "train.compile=false",
+                                  impl="fast"))
+    trainer.loader.set_epoch(0)
+    batch = next(iter(trainer.loader))
+    assert batch["globals"].is_pinned() and batch["mask_index"].is_pinned()
+    trainer.train_step(batch, 1, 0)  # the first step's allocations and launches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(2):
+            trainer.train_step(batch, 2 + i, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    trainer.close()

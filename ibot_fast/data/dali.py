@@ -27,16 +27,27 @@ How a batch is made
    not depend on worker counts, world size or resumption, and
    `build_dali_loader(..., records=True)` reports them with each batch. Processes, not
    threads: this is ~0.2 ms of Python per image, which in threads would take the GIL
-   from the training loop at thousands of images/s.
-3. *Decoding and crops* (DALI). `fn.external_source` receives each batch's encoded
-   bytes and per-crop parameter arrays; `fn.decoders.image` decodes (`mixed`: nvJPEG on
+   from the training loop at thousands of images/s. The collate turns the batch's
+   draws into DALI's argument arrays (`dali_inputs`) there too, so the training process
+   only hands arrays over.
+3. *Decoding and crops* (DALI, on its own CUDA stream). `fn.external_source` receives
+   each batch's encoded bytes and per-crop argument arrays (its callback runs in the
+   training process, in `schedule_run`); `fn.decoders.image` decodes (`mixed`: nvJPEG on
    the GPU; CPU with `device_id=None`); each crop is a short straight-line graph whose
    per-sample arguments carry the draws (an op that was not drawn gets identity
-   arguments), so there are no conditionals and no DALI random operators.
-4. *Hand-over* (`nvidia.dali.plugin.pytorch.feed_ndarray`). Each crop's output is copied
-   straight into its crop-major slice of the batch tensor on torch's current stream (no
-   host synchronisation); DALI's buffers are kept alive until a CUDA event says the copy
-   has run. `prefetch_queue_depth = data.prefetch`.
+   arguments), so there are no conditionals and no DALI random operators. DALI runs
+   `prefetch_queue_depth = data.prefetch` (2) batches ahead of the one being handed over.
+4. *Hand-over*, without a host synchronisation: `share_outputs(stream)` binds the
+   outputs to torch's current stream (that stream waits, on the GPU, for DALI's work on
+   them; the host waits only until DALI has run the batch's CPU stage and launched its
+   GPU work, which prefetching has normally done long before), and each crop
+   is copied (`feed_ndarray`, asynchronous on that stream) into its crop-major slice of
+   a fresh batch tensor from torch's allocator, so nothing DALI overwrites later is ever
+   read by the step. DALI's buffers stay referenced until a CUDA event recorded after the
+   copies has passed (polled, never waited on, unless the GPU is more than
+   2 x prefetch + 2 batches behind). `tests/test_dali.py::test_hand_over_never_waits`
+   checks this order of calls with a stand-in pipeline; the trainer copies the rest of
+   the batch (masks, masked-token index, from pinned memory) with `non_blocking=True`.
 
 Why not `fn.readers.file` / `fn.readers.webdataset`: DALI's readers shard and shuffle by
 their own rules (a shuffle buffer with an internal generator), so neither the CPU path's
@@ -372,11 +383,14 @@ class PlannedDataset(torch.utils.data.Dataset):
 
 class PlannedCollate:
     """Samples -> one batch: bytes concatenated (one shared-memory tensor), parameter rows
-    [B, n_crops, P], masks crop-major as in `cpu.Collate` (the stratified sampler drawn
-    here, per batch, from the batch's indices), labels, bad-file counts."""
+    [B, n_crops, P] and the DALI arguments made from them (`dali_inputs`: done here, in
+    the worker processes, not in the training process), masks crop-major as in
+    `cpu.Collate` (the stratified sampler drawn here, per batch, from the batch's
+    indices), labels, bad-file counts."""
 
-    def __init__(self, batch_sampler=None, num_patches=0, seed=0, pred_start_epoch=0,
+    def __init__(self, specs, batch_sampler=None, num_patches=0, seed=0, pred_start_epoch=0,
                  index_rows=None):
+        self.specs = specs
         self.batch_sampler = batch_sampler  # stratified sampler (per batch), or None
         self.num_patches, self.seed = num_patches, seed
         self.pred_start_epoch, self.index_rows = pred_start_epoch, index_rows
@@ -385,6 +399,7 @@ class PlannedCollate:
         B = len(samples)
         epoch = samples[0]["epoch"]
         lengths = [len(s["data"]) for s in samples]
+        params = np.stack([s["params"] for s in samples])
         if "masks" in samples[0]:
             masks = torch.stack([s["masks"] for s in samples], 1).reshape(2 * B, -1)
         elif self.batch_sampler is not None and epoch >= self.pred_start_epoch:
@@ -395,7 +410,8 @@ class PlannedCollate:
         batch = {
             "data": torch.from_numpy(np.concatenate([s["data"] for s in samples])),
             "offsets": torch.from_numpy(np.cumsum([0] + lengths)),
-            "params": torch.from_numpy(np.stack([s["params"] for s in samples])),
+            "params": torch.from_numpy(params),
+            "dali": dali_inputs(params, self.specs),
             "keys": [(s["key"], epoch) for s in samples],
             "index": torch.tensor([s["index"] for s in samples]),
             "masks": masks,
@@ -550,7 +566,7 @@ class DaliTrainLoader:
         self._pending.append(batch)
         buf, offsets = batch["data"].numpy(), batch["offsets"].tolist()
         encoded = [buf[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-        return (encoded, *dali_inputs(batch["params"].numpy(), self.specs))
+        return (encoded, *batch["dali"])
 
     def _build(self):
         # the pipeline holds its callback weakly: no reference cycle, so dropping the loader
@@ -691,7 +707,7 @@ def build_dali_loader(cfg, world_size=1, rank=0, index_rows=None, device=None, d
                              cfg.masks.pred_start_epoch, aug.blur_sigma)
     batch_sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, world_size, rank,
                                       cfg.train.seed)
-    collate = PlannedCollate(per_batch, grid[0] * grid[1], cfg.train.seed,
+    collate = PlannedCollate(specs, per_batch, grid[0] * grid[1], cfg.train.seed,
                              cfg.masks.pred_start_epoch, index_rows)
     return DaliTrainLoader(dataset, batch_sampler, collate, specs, aug.local_size, device,
                            dtype or output_dtype(cfg, device), cfg.data.num_workers,
