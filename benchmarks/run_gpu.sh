@@ -171,7 +171,7 @@ model.pack_crops=true;model.efficient_drop_path=true;model.layernorm_fp32=false;
 optim.fuse_ema=false;optim.clip_mode=global;loss.fused_last_layer=true;\
 model.activation_checkpointing=selective;model.activation_checkpointing=selective_mlp;\
 model.activation_checkpointing=full;model.pack_crops=true model.attention=varlen;\
-train.compile=false"}
+train.cuda_graphs=true;model.pack_crops=true train.cuda_graphs=true;train.compile=false"}
     IFS=';' read -ra options <<< "$variants"
     args=()
     for opt in "${options[@]}"; do args+=(--variant "$opt"); done
