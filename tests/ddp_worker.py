@@ -49,7 +49,7 @@ def main():
         torch.save({"teacher": state["teacher"], "student": state["student"],
                     "center": trainer.loss.center, "center2": trainer.loss.center2,
                     "sharded": trainer.sharded, "nonfinite": int(trainer.nonfinite_total),
-                    "status": result["status"], "iteration": trainer.iteration,
+                    "status": str(result["status"]), "iteration": trainer.iteration,
                     "local_numel": sum(fsdp.local(p).numel()
                                        for p in trainer.student_module.parameters())},
                    os.path.join(out_dir, f"rank{rank}.pt"))
@@ -80,16 +80,16 @@ def inject_faults(trainer, flags):
             os.kill(os.getpid(), signal.SIGUSR2)  # during the epoch's last step
             return out
         if "--nan-on-rank1" in flags and it == 1:
-            forward = trainer.forward_masked if trainer.fast else trainer.forward_full
+            loss_terms = trainer.loss_terms
 
             def nan_loss(*args, **kwargs):
-                losses = forward(*args, **kwargs)
+                losses = loss_terms(*args, **kwargs)
                 return {**losses, "loss": losses["loss"] * float("nan")}
-            trainer.forward_masked = trainer.forward_full = nan_loss
+            trainer.loss_terms = nan_loss
             try:
                 return step(batch, it, epoch)
             finally:
-                del trainer.forward_masked, trainer.forward_full
+                del trainer.loss_terms
         return step(batch, it, epoch)
     trainer.train_step = faulty_step
 

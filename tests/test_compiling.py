@@ -331,6 +331,17 @@ def _cuda_steps(tmp_path, name, *extra, steps=6):
     return losses, {n: p.detach().clone() for n, p in trainer.student_module.named_parameters()}
 
 
+def _eager_and_graphed(tmp_path, options):
+    """(losses, student weights) of eager steps and of graphed steps; no graph skipped."""
+    eager = _cuda_steps(tmp_path, "eager", *options, "train.compile=false")
+    counters.clear()
+    graphed = _cuda_steps(tmp_path, "graphed", *options, "train.compile=true",
+                          "train.cuda_graphs=true")
+    print("eager", eager[0], "\ngraphed", graphed[0], "\n", dict(counters["inductor"]))
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    return eager, graphed
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pack", [False, True])
 def test_graphed_steps_equal_eager_steps(tmp_path, pack):
@@ -339,12 +350,7 @@ def test_graphed_steps_equal_eager_steps(tmp_path, pack):
     student weights of eager steps, and no graph is skipped. fp32 and no stochastic depth
     (compiled random draws differ from eager ones by design)."""
     options = ("train.precision=fp32", "model.drop_path_rate=0", f"model.pack_crops={pack}")
-    eager_losses, eager = _cuda_steps(tmp_path, "eager", *options, "train.compile=false")
-    counters.clear()
-    losses, graphed = _cuda_steps(tmp_path, "graphed", *options, "train.compile=true",
-                                  "train.cuda_graphs=true")
-    print("eager", eager_losses, "\ngraphed", losses, "\n", dict(counters["inductor"]))
-    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    (eager_losses, eager), (losses, graphed) = _eager_and_graphed(tmp_path, options)
     assert sum(counters["graph_break"].values()) == 0
     assert losses == pytest.approx(eager_losses, rel=1e-4)
     for name, p in eager.items():
@@ -358,11 +364,6 @@ def test_graphed_steps_with_every_fast_path_option_run(tmp_path):
     losses close to eager ones (other random draws), and skip no graph."""
     options = ("train.precision=bf16", "model.drop_path_rate=0.2", "model.pack_crops=true",
                "model.efficient_drop_path=true")
-    eager_losses, _ = _cuda_steps(tmp_path, "eager", *options, "train.compile=false")
-    counters.clear()
-    losses, _ = _cuda_steps(tmp_path, "graphed", *options, "train.compile=true",
-                            "train.cuda_graphs=true")
-    print("eager", eager_losses, "\ngraphed", losses, "\n", dict(counters["inductor"]))
-    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    (eager_losses, _), (losses, _) = _eager_and_graphed(tmp_path, options)
     assert all(math.isfinite(v) for v in losses)
     assert losses == pytest.approx(eager_losses, rel=0.05)

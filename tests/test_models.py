@@ -107,9 +107,9 @@ def test_student_and_teacher():
     g = torch.randn(4, 3, 32, 32)
     local = torch.randn(6, 3, 16, 16)
     masks = torch.rand(4, 64) < 0.3
-    cls, patch = student(g, masks, local)
+    cls, patch, _ = student(g, masks, local)
     assert cls.shape == (10, cfg.model.out_dim) and patch.shape == (4, 64, cfg.model.patch_out_dim)
-    cls, patch = teacher(g)
+    cls, patch, _ = teacher(g)
     assert cls.shape == (4, cfg.model.out_dim)
 
 
