@@ -168,12 +168,17 @@ def head_phase():
     return phase("head")
 
 
+# `model.*` keys that are VisionTransformer's keyword arguments of the same name: a new
+# backbone option is a config key, a VisionTransformer argument and a name here
+BACKBONE_KEYS = ("efficient_drop_path", "pack_crops", "activation_checkpointing",
+                 "residual_fp32", "layernorm_fp32")
+
+
 def build_backbone(cfg, drop_path_rate: float = 0.0, attention_backend: str = "math"):
     m = cfg.model
     return vit(m.arch, cfg.data.global_size, m.patch_size, drop_path_rate=drop_path_rate,
-               attention_backend=attention_backend, efficient_drop_path=m.efficient_drop_path,
-               pack_crops=m.pack_crops, activation_checkpointing=m.activation_checkpointing,
-               residual_fp32=m.residual_fp32, layernorm_fp32=m.layernorm_fp32)
+               attention_backend=attention_backend,
+               **{key: getattr(m, key) for key in BACKBONE_KEYS})
 
 
 def build_head(cfg) -> IBOTHead:

@@ -446,15 +446,9 @@ class VisionTransformer(nn.Module):
         return outputs
 
 
-def vit(arch: str, img_size: int, patch_size: int, drop_path_rate: float = 0.0,
-        attention_backend: str = "math", efficient_drop_path: bool = False,
-        pack_crops: bool = False, activation_checkpointing: str = "none",
-        residual_fp32: bool = False, layernorm_fp32: bool = True) -> VisionTransformer:
+def vit(arch: str, img_size: int, patch_size: int, **options) -> VisionTransformer:
+    """The `ARCHS` entry `arch`; `options` are VisionTransformer's keyword arguments."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
-    return VisionTransformer(img_size=img_size, patch_size=patch_size,
-                             drop_path_rate=drop_path_rate, attention_backend=attention_backend,
-                             efficient_drop_path=efficient_drop_path, pack_crops=pack_crops,
-                             activation_checkpointing=activation_checkpointing,
-                             residual_fp32=residual_fp32, layernorm_fp32=layernorm_fp32,
-                             **ARCHS[arch])
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, **ARCHS[arch],
+                             **options)
