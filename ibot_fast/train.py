@@ -410,7 +410,7 @@ class Trainer:
             self.save(keep)
         if status in (Status.PREEMPTED, Status.REQUEUED):
             return status  # pre-emption leaves little time: no k-NN
-        if epoch_done and t.epochs and self.cfg.eval.knn_every and \
+        if epoch_done and self.cfg.eval.knn_every and \
                 (self.epoch % self.cfg.eval.knn_every == 0 or last):
             self.evaluate_knn()
         return status

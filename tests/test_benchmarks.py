@@ -351,6 +351,22 @@ def test_cuda_autocast_policy_replays_cudas_fp32_ops_on_the_cpu():
         assert ln(h.detach()).dtype == torch.bfloat16 and h.softmax(-1).dtype == torch.bfloat16
 
 
+def test_bench_memory_smoke_counts_the_main_paths(results):
+    """Three of the paths (make test; every path: the slow test below): checkpointing
+    keeps less than the fast path, which keeps less than the official one."""
+    from benchmarks import bench_memory
+
+    paths = ["reference (math)", "fast", "fast selective_mlp"]
+    assert bench_memory.main(["--smoke", "--paths", ",".join(paths)]) == 0
+    rows = {r["path"]: r for r in read(results / "memory.jsonl")}
+    assert set(rows) == set(paths)
+    per_img = {k: r["step_mib_per_img"] for k, r in rows.items()}
+    assert 0 < per_img["fast selective_mlp"] < per_img["fast"] < per_img["reference (math)"]
+    assert {r["autocast_policy"] for r in rows.values()} == {"cuda"}
+    assert rows["fast"]["persistent_mib"] > 0
+
+
+@pytest.mark.slow
 def test_bench_memory_smoke_orders_the_paths(results):
     from benchmarks import bench_memory
 
