@@ -25,8 +25,11 @@ if not HAS_CUDA:
 for _name in ("centered_ce", "fused_head", "masked_gather", "ema", "adamw_ema"):
     importlib.import_module(f"ibot_fast.kernels.{_name}")
 
-# Two cores on CI: keep torch from oversubscribing them.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: the tests' models are tiny, so a second OpenMP thread costs more in
+# synchronisation than it gains, and on a 2-core machine shared with anything else (the
+# multi-process tests' workers, another job) every parallel region waits for a core: a
+# step of the demo ViT took 3.5x longer with 2 threads than with 1 on a loaded machine.
+torch.set_num_threads(1)
 
 
 class OpCounter(TorchDispatchMode):
