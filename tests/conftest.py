@@ -32,6 +32,13 @@ for _name in ("centered_ce", "fused_head", "masked_gather", "ema", "adamw_ema"):
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread, whatever an earlier one set (a benchmark's main()
+    sets its own)."""
+    torch.set_num_threads(1)
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops run while active, by overload packet name (`counts`)."""
 
