@@ -189,7 +189,7 @@ def test_a_resume_at_another_global_batch_goes_on_from_the_epoch(tmp_path, caplo
 
 
 def test_an_older_checkpoint_or_a_larger_batch_at_the_epochs_end(tmp_path):
-    """A checkpoint without its global batch (before 2026-11-23) has it from its config
+    """A checkpoint without its global batch (as older versions wrote) has it from its config
     and RNG states; a position rounded down to the epoch's end stops at its last batch,
     so the epoch's end (checkpoint, k-NN) still runs, even on the last epoch."""
     run(tiny_config(tmp_path, "train.stop_at_iter=8"))  # epoch 2 (the last), batch 2 of 3
