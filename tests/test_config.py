@@ -101,7 +101,8 @@ def test_lr_scaling_lives_in_derived():
     cfg = build_config("demo", ["train.batch_size=64", "optim.lr=0.0005"])
     d = derived(cfg, world_size=8)
     assert d["global_batch"] == 512 and d["lr"] == pytest.approx(0.001)
-    assert d["n_patches"] == 64 and d["n_local_patches"] == 16
+    p = cfg.model.patch_size
+    assert d["n_patches"] == (32 // p) ** 2 and d["n_local_patches"] == (16 // p) ** 2
 
 
 def test_round_trip_through_dict():

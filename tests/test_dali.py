@@ -97,6 +97,27 @@ def test_draws_are_the_cpu_paths_draws():
         assert cpu_rng.getstate() == dali_rng.getstate()
 
 
+def test_draws_follow_the_jitter_and_solarize_probabilities():
+    """`data.color_jitter_p` and `data.solarize_p` reach the planner: its records are the
+    CPU path's with the same probabilities, the generator in the same state after them."""
+    for jitter_p, solarize_p in ((0.0, 0.0), (0.3, 0.9)):
+        aug = MultiCropAugmentation(32, 16, 2, (0.14, 1.0), (0.05, 0.4),
+                                    color_jitter_p=jitter_p, solarize_p=solarize_p)
+        specs = D.crop_specs(aug)
+        jittered = 0
+        for i in range(60):
+            img = Image.new("RGB", (40, 30), (i, 2 * i % 256, 50))
+            cpu_rng, dali_rng = sample_rng(5, 0, i), sample_rng(5, 0, i)
+            _, _, cpu_records = aug(img, cpu_rng)
+            mine = D.crop_records(D.plan_sample(40, 30, specs, dali_rng, aug.blur_sigma,
+                                                aug.color_jitter_p))
+            for c, m in zip(cpu_records, mine):
+                assert {k: m[k] for k in c} == c
+            assert cpu_rng.getstate() == dali_rng.getstate()
+            jittered += sum(r["jitter"] for r in cpu_records)
+        assert (jittered == 0) == (jitter_p == 0.0)
+
+
 def test_draw_frequencies_and_areas_match_design():
     """n = 4000 images of the planner alone: every per-crop frequency within 4 standard
     errors of §1.1, crop areas inside their scale ranges with the CPU test's means."""

@@ -10,7 +10,8 @@ from ibot_fast import UserError
 from ibot_fast.config import build_config
 from ibot_fast.data import build_train_loader
 from ibot_fast.data.cpu import (Collate, EpochBatchSampler, MultiCropAugmentation,
-                                MultiCropDataset, random_resized_crop, sample_rng)
+                                MultiCropDataset, build_augmentation, random_resized_crop,
+                                sample_rng)
 from ibot_fast.data.datasets import DigitsDataset, ImageFolder, SyntheticDataset
 from ibot_fast.masking import BlockMaskSampler, StratifiedMaskSampler
 
@@ -82,6 +83,30 @@ def test_augmentation_probabilities():
     # pulls the mean down a little (the DALI tests compare the two pipelines side by side)
     assert 0.45 < np.mean(global_area) < 0.6
     assert max(local_area) <= 0.42 and 0.17 < np.mean(local_area) < 0.24
+
+
+def test_jitter_and_solarize_probabilities_change_only_what_is_applied():
+    """`data.color_jitter_p` and `data.solarize_p` (the demo turns both off): jitter and
+    solarisation follow them; the first crop's box and flip, drawn before them, stay."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    default = MultiCropAugmentation(16, 8, 2, (0.14, 1.0), (0.05, 0.4))
+    off = MultiCropAugmentation(16, 8, 2, (0.14, 1.0), (0.05, 0.4), color_jitter_p=0.0,
+                                solarize_p=0.0)
+    always = MultiCropAugmentation(16, 8, 2, (0.14, 1.0), (0.05, 0.4), color_jitter_p=1.0,
+                                   solarize_p=1.0)
+    solarized = 0
+    for i in range(200):
+        a, b, c = (aug(img, sample_rng(0, 0, i))[2] for aug in (default, off, always))
+        assert (a[0]["area"], a[0]["flip"]) == (b[0]["area"], b[0]["flip"]) == \
+            (c[0]["area"], c[0]["flip"])
+        for rb, rc in zip(b, c):
+            assert not rb["jitter"] and not rb["solarize"] and rc["jitter"]
+        solarized += a[1]["solarize"]
+        assert c[1]["solarize"] and not c[0]["solarize"] and not c[2]["solarize"]
+    assert 0 < solarized < 200
+    cfg = build_config("demo", ["data.color_jitter_p=0.3", "data.solarize_p=0.1"])
+    aug = build_augmentation(cfg)
+    assert aug.color_jitter_p == 0.3 and aug.GLOBAL2 == (0.1, 0.1)
 
 
 def test_random_resized_crop_area():
@@ -169,7 +194,8 @@ def test_train_loader_from_config():
     loader.set_epoch(0)
     batch = next(iter(loader))
     assert batch["globals"].shape == (32, 3, 32, 32) and batch["locals"].shape == (32, 3, 16, 16)
-    assert batch["masks"].shape == (32, 64) and batch["labels"].shape == (16,)
+    n_patches = (32 // cfg.model.patch_size) ** 2
+    assert batch["masks"].shape == (32, n_patches) and batch["labels"].shape == (16,)
     assert loader.batches_per_epoch == 1437 // 16
 
 

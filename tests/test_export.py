@@ -87,8 +87,9 @@ def models(tmp_path_factory):
     saved as trainer checkpoints; with features of a fixed input."""
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("export")
-    specs = [("demo", build_config("demo"), "vit_tiny_patch16_224", dict(
-                 img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4,
+    demo = build_config("demo")
+    specs = [("demo", demo, "vit_tiny_patch16_224", dict(
+                 img_size=32, patch_size=demo.model.patch_size, embed_dim=128, depth=4, num_heads=4,
                  num_classes=0)),
              ("vits16", build_config("vit_small_16_paper", ["data.path=/unused"]),
               "vit_small_patch16_224", dict(img_size=224, patch_size=16, embed_dim=384,

@@ -1,4 +1,6 @@
 """Weighted k-NN (DINO's protocol) against a loop, and the demo run against random init."""
+import json
+import math
 import re
 from pathlib import Path
 
@@ -48,33 +50,61 @@ def test_knn_classify_equals_the_loop(chunk, block):
     assert 20 < got[20] < 100  # a problem neither trivial nor hopeless
 
 
-@pytest.mark.slow
-def test_demo_beats_random_init(tmp_path, capsys, twins):
-    """The demo recipe at half length (6 epochs at batch 16: as many steps as the demo's
-    12 at batch 32, half the images; ~2.5 min): the teacher's k-NN on the 360 held-out
-    digits is clearly above that of a random network of the same architecture. Run as
-    `make demo` runs it on a CPU: the kernels' torch twins, both cores. (Measured here:
-    +6.4 / +9.7 points at k = 20 / 100; the whole demo: +8.3 / +12.5.)"""
-    cfg = build_config("demo", [f"train.output_dir={tmp_path}", "train.log_every=1000",
-                                "train.epochs=6", "train.batch_size=16"])
-    device = torch.device("cpu")
-    random_acc = knn_eval_backbone(cfg, random_init_backbone(cfg), device)
+def train_demo(tmp_path, *overrides):
+    """The demo recipe with overrides, trained as `make demo` trains it on a CPU (the
+    kernels' torch twins, both cores): (config, trainer, CLS term per logged step)."""
+    cfg = build_config("demo", [f"train.output_dir={tmp_path}", "train.log_every=5",
+                                *overrides])
     trainer = Trainer(cfg)
     try:
         with threadpool_limits(2):
             trainer.run()
     finally:
         trainer.close()
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    return cfg, trainer, [r["cls"] for r in logged if "cls" in r]
+
+
+@pytest.mark.slow
+def test_demo_beats_random_init(tmp_path, capsys, twins):
+    """The whole demo recipe (~4.5 min on 2 cores): the teacher's k-NN on the 360
+    held-out digits is well above that of a random network of the same architecture.
+    (Measured on 2 cores: +14.2 / +14.7 points at k = 20 / 100 in `make demo`, +14 to +18
+    over runs that differ only in their random draws; the bound leaves room for that.)
+    Its CLS term ends at ln(K), as the official code's does on these digits
+    (docs/demo.md)."""
+    cfg, trainer, _ = train_demo(tmp_path)
+    device = torch.device("cpu")
+    random_acc = knn_eval_backbone(cfg, random_init_backbone(cfg), device)
     acc = knn_eval_backbone(cfg, trainer.teacher.backbone, device)
     with capsys.disabled():
         print(f"\n  demo k-NN, random init {random_acc} -> teacher {acc}")
-    assert acc[20] >= random_acc[20] + 3 and acc[100] >= random_acc[100] + 5, (random_acc, acc)
+    assert acc[20] >= random_acc[20] + 10 and acc[100] >= random_acc[100] + 10, (random_acc, acc)
     # the pictures `make demo` writes beside the run
     curves, attention, digit = demo_pictures(cfg, tmp_path)
     assert Image.open(curves).format == "PNG"
     with Image.open(attention) as img:
         assert img.size == attention_figure_size(ARCHS[cfg.model.arch]["heads"])
     assert Image.open(digit).size == (32, 32)
+
+
+@pytest.mark.slow
+def test_colour_jitter_decides_whether_the_demos_cls_term_goes_uniform(tmp_path):
+    """docs/demo.md's account of the CLS term, at 12 epochs with a sharper teacher
+    (bottleneck 32, tt 0.02; ~3 min): with colour jitter and solarisation off the CLS
+    term stays well below ln(K) over the last quarter of the run; with them on, the same
+    recipe's CLS term ends near ln(K)."""
+    recipe = ["train.epochs=12", "model.head_bottleneck_dim=32", "loss.teacher_temp=0.02",
+              "loss.warmup_teacher_temp=0.02"]
+    ends = {}
+    for jitter in (0.0, 0.8):
+        cfg, _, cls = train_demo(tmp_path / f"jitter{jitter}", *recipe,
+                                 f"data.color_jitter_p={jitter}",
+                                 f"data.solarize_p={0.2 if jitter else 0.0}")
+        last = cls[-len(cls) // 4:]
+        ends[jitter] = sum(last) / len(last)
+    log_k = math.log(cfg.model.out_dim)
+    assert ends[0.0] < log_k - 1.0 and ends[0.8] > log_k - 0.5, (log_k, ends)
 
 
 def test_demo_command_end_to_end_short(tmp_path, capsys):

@@ -13,7 +13,7 @@ B, L = 3, 2
 
 
 def setup(dtype, shared_head=True, seed=0):
-    cfg = build_config("demo", ["model.out_dim=64", "model.patch_out_dim=" +
+    cfg = build_config("demo", ["model.patch_size=4", "model.out_dim=64", "model.patch_out_dim=" +
                                 ("64" if shared_head else "48"),
                                 f"model.shared_head={shared_head}", "model.head_hidden_dim=32",
                                 "model.head_bottleneck_dim=16", "model.drop_path_rate=0",

@@ -97,7 +97,7 @@ def test_stochastic_depth_only_in_training():
 
 
 def test_student_and_teacher():
-    cfg = build_config("demo")
+    cfg = build_config("demo", ["model.patch_size=4"])  # the 8x8 grid of the masks below
     student, teacher = build_student_teacher(cfg)
     assert all(b.drop_path == 0 for b in teacher.backbone.blocks)
     assert student.backbone.blocks[-1].drop_path == pytest.approx(cfg.model.drop_path_rate)

@@ -15,7 +15,7 @@ from ibot_fast.train import Trainer
 
 def tiny(tmp_path, *extra, impl="fast"):
     return build_config("demo", [
-        "data.source=synthetic", "data.synthetic_size=16", "data.num_workers=0",
+        "model.patch_size=4", "data.source=synthetic", "data.synthetic_size=16", "data.num_workers=0",
         "data.n_local=2", "train.batch_size=8", "model.out_dim=128", "model.patch_out_dim=128",
         "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", f"train.impl={impl}",
         f"train.output_dir={tmp_path}", *extra])
@@ -242,7 +242,7 @@ def test_a_shared_head_takes_the_cls_layer(tmp_path, source):
 def _demo_backbone(**changes) -> dict:
     from ibot_fast.models import build_backbone
 
-    state = build_backbone(build_config("demo")).state_dict()
+    state = build_backbone(build_config("demo", ["model.patch_size=4"])).state_dict()
     state.update(changes)
     return state
 

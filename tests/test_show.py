@@ -45,7 +45,7 @@ def test_cls_attention_reproduces_the_blocks_attention_output():
     backbone = random_init_backbone(cfg).eval()
     x = torch.randn(2, 3, 32, 32)
     probs = cls_attention(backbone, x)  # [B, heads, N]
-    assert probs.shape == (2, 4, 65)
+    assert probs.shape == (2, 4, 1 + (32 // cfg.model.patch_size) ** 2)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4))
 
     # the CLS row of the last block's attention, with these probabilities, is what the
@@ -64,9 +64,10 @@ def test_cls_attention_reproduces_the_blocks_attention_output():
 
     maps = attention_maps(backbone, x)
     assert maps.shape == (2, 4, 32, 32)
-    # nearest upsampling: every 4x4 pixel block holds one patch's probability
-    torch.testing.assert_close(maps[:, :, ::4, ::4].reshape(2, 4, 64), probs[:, :, 1:])
-    torch.testing.assert_close(maps[:, :, 3::4, 3::4].reshape(2, 4, 64), probs[:, :, 1:])
+    # nearest upsampling: every patch-sized pixel block holds one patch's probability
+    p, n = cfg.model.patch_size, (32 // cfg.model.patch_size) ** 2
+    torch.testing.assert_close(maps[:, :, ::p, ::p].reshape(2, 4, n), probs[:, :, 1:])
+    torch.testing.assert_close(maps[:, :, p - 1::p, p - 1::p].reshape(2, 4, n), probs[:, :, 1:])
 
 
 def test_show_attention_png(run_dir, tmp_path):

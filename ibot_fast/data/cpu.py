@@ -1,11 +1,11 @@
 """The CPU data path: PIL multi-crop augmentation, masks, batching (docs/design.md §1.1).
 
 Every crop: RandomResizedCrop (bicubic), horizontal flip p=0.5, colour jitter
-(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in random order) with p=0.8,
-grayscale p=0.2; Gaussian blur with sigma ~ U(0.1, 2.0) pixels (`data.blur_sigma`: the
-paper's range is for 224 px crops) with p = 1.0 (global crop 1),
-0.1 (global crop 2), 0.5 (each local crop); solarisation (threshold 128) p=0.2 on global
-crop 2 only; ImageNet normalisation. Written with PIL and numpy (torchvision is not
+(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in random order) with p=0.8
+(`data.color_jitter_p`), grayscale p=0.2; Gaussian blur with sigma ~ U(0.1, 2.0) pixels
+(`data.blur_sigma`: the paper's range is for 224 px crops) with p = 1.0 (global crop 1),
+0.1 (global crop 2), 0.5 (each local crop); solarisation (threshold 128) p=0.2
+(`data.solarize_p`) on global crop 2 only; ImageNet normalisation. Written with PIL and numpy (torchvision is not
 needed); the operations and their parameter draws follow torchvision's.
 
 Randomness is per sample: the augmentation and mask of image i in epoch e come from a
@@ -110,21 +110,21 @@ class MultiCropAugmentation:
     solarize): the statistical tests compare it with the DALI pipeline.
     """
 
-    # (blur probability, solarize probability) per crop kind
-    GLOBAL1, GLOBAL2, LOCAL = (1.0, 0.0), (0.1, 0.2), (0.5, 0.0)
-
     def __init__(self, global_size=224, local_size=96, n_local=10,
-                 global_scale=(0.14, 1.0), local_scale=(0.05, 0.4), blur_sigma=(0.1, 2.0)):
+                 global_scale=(0.14, 1.0), local_scale=(0.05, 0.4), blur_sigma=(0.1, 2.0),
+                 color_jitter_p=0.8, solarize_p=0.2):
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
-        self.blur_sigma = tuple(blur_sigma)
+        self.blur_sigma, self.color_jitter_p = tuple(blur_sigma), color_jitter_p
+        # (blur probability, solarize probability) per crop kind
+        self.GLOBAL1, self.GLOBAL2, self.LOCAL = (1.0, 0.0), (0.1, solarize_p), (0.5, 0.0)
 
     def crop(self, img, size, scale, blur_p, solarize_p, rng):
         out, area = random_resized_crop(img, size, scale, rng)
         rec = {"area": area, "flip": rng.random() < 0.5}
         if rec["flip"]:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        rec["jitter"] = rng.random() < 0.8
+        rec["jitter"] = rng.random() < self.color_jitter_p
         if rec["jitter"]:
             out = color_jitter(out, rng)
         rec["gray"] = rng.random() < 0.2
@@ -281,4 +281,4 @@ class Collate:
 def build_augmentation(cfg) -> MultiCropAugmentation:
     d = cfg.data
     return MultiCropAugmentation(d.global_size, d.local_size, d.n_local, d.global_scale,
-                                 d.local_scale, d.blur_sigma)
+                                 d.local_scale, d.blur_sigma, d.color_jitter_p, d.solarize_p)

@@ -66,11 +66,13 @@ The crop, in the CPU path's order
                       ignored, as by PIL on the CPU path
   flip p 0.5          the same ROI with its x-coordinates swapped (DALI flips a reversed ROI)
   colour jitter p 0.8 one per-pixel affine map (below), then a clamp to [0, 255]
+                      (`data.color_jitter_p`)
   grayscale p 0.2     folded into the same map: saturation 0
   blur p 1/0.1/0.5    `fn.gaussian_blur`, sigma ~ U(data.blur_sigma), (0.1, 2.0) by
                       default, window 2*ceil(3 sigma)+1;
                       a crop without blur gets window 1, the identity
   solarize p 0.2      global crop 2 only: x + s * (x >= 128) * (255 - 2x), s the 0/1 draw
+                      (`data.solarize_p`)
   normalise           `fn.crop_mirror_normalize` (ImageNet mean/std), CHW, fp16 or fp32
 
 Colour jitter and grayscale. DALI has no grayscale or solarize operator and its colour
@@ -163,12 +165,13 @@ class _SizeOnly:
         return box
 
 
-def plan_crop(width, height, size, scale, blur_p, solarize_p, rng, blur_sigma=(0.1, 2.0)):
+def plan_crop(width, height, size, scale, blur_p, solarize_p, rng, blur_sigma=(0.1, 2.0),
+              color_jitter_p=0.8):
     """One crop's draws, in the order of `cpu.MultiCropAugmentation.crop`: a row of PARAMS."""
     (left, top, right, bottom), area = random_resized_crop(_SizeOnly(width, height), size,
                                                            scale, rng)
     flip = rng.random() < 0.5
-    jitter = rng.random() < 0.8
+    jitter = rng.random() < color_jitter_p
     b = c = s = 1.0
     h = 0.0
     if jitter:
@@ -190,10 +193,11 @@ def crop_specs(aug):
     return [(*g, *aug.GLOBAL1), (*g, *aug.GLOBAL2)] + [(*loc, *aug.LOCAL)] * aug.n_local
 
 
-def plan_sample(width, height, specs, rng, blur_sigma=(0.1, 2.0)) -> np.ndarray:
+def plan_sample(width, height, specs, rng, blur_sigma=(0.1, 2.0),
+                color_jitter_p=0.8) -> np.ndarray:
     """All crops of one image: float64 [n_crops, len(PARAMS)]."""
-    return np.array([plan_crop(width, height, *spec, rng, blur_sigma) for spec in specs],
-                    dtype=np.float64)
+    return np.array([plan_crop(width, height, *spec, rng, blur_sigma, color_jitter_p)
+                     for spec in specs], dtype=np.float64)
 
 
 def crop_records(params: np.ndarray):
@@ -338,8 +342,9 @@ class PlannedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, source, specs, mask_sampler=None, seed=0, pred_start_epoch=0,
-                 blur_sigma=(0.1, 2.0)):
+                 blur_sigma=(0.1, 2.0), color_jitter_p=0.8):
         self.source, self.specs, self.blur_sigma = source, specs, tuple(blur_sigma)
+        self.color_jitter_p = color_jitter_p
         self.mask_sampler = mask_sampler  # per-sample (iid) sampler, or None
         self.seed, self.pred_start_epoch = seed, pred_start_epoch
 
@@ -370,7 +375,8 @@ class PlannedDataset(torch.utils.data.Dataset):
                 index = (index + 1) % len(self.source)
         rng = sample_rng(self.seed, epoch, index)
         sample = {"data": np.frombuffer(data, dtype=np.uint8),
-                  "params": plan_sample(width, height, self.specs, rng, self.blur_sigma),
+                  "params": plan_sample(width, height, self.specs, rng, self.blur_sigma,
+                                        self.color_jitter_p),
                   "label": label, "epoch": epoch, "index": index, "key": first,
                   "n_bad": n_bad, "bad": bad}
         if self.mask_sampler is not None:
@@ -704,7 +710,7 @@ def build_dali_loader(cfg, world_size=1, rank=0, index_rows=None, device=None, d
         else:
             per_batch = sampler
     dataset = PlannedDataset(source, specs, per_sample, cfg.train.seed,
-                             cfg.masks.pred_start_epoch, aug.blur_sigma)
+                             cfg.masks.pred_start_epoch, aug.blur_sigma, aug.color_jitter_p)
     batch_sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, world_size, rank,
                                       cfg.train.seed)
     collate = PlannedCollate(specs, per_batch, grid[0] * grid[1], cfg.train.seed,

@@ -7,9 +7,9 @@ patch *before* the position embedding is added and the CLS token is prepended.
 
 Sizes (`ARCHS`): ViT-S/B/L as in the paper, ViT-T (the official code's `vit_tiny`, 5.5 M
 parameters; no published iBOT recipe), and `vit_demo` for the CPU demo on 32 px
-digits: dim 128, depth 4, 4 heads (0.8 M parameters) with 4 px patches, so a 32 px
-global crop is an 8x8 grid and a 16 px local crop 4x4; an epoch of the digits takes
-well under a minute on two CPU cores.
+digits: dim 128, depth 4, 4 heads (0.8 M parameters); the `demo` preset's 8 px patches
+make a 32 px global crop a 4x4 grid and a 16 px local crop 2x2, and an epoch of the
+digits about 8 s on two CPU cores.
 
 Activation checkpointing (`activation_checkpointing`, the student's memory knob). What
 a block keeps for its backward, per token, in units of dim x 2 bytes (bf16 autocast,
