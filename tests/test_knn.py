@@ -73,13 +73,15 @@ def test_demo_beats_random_init(tmp_path, capsys, twins):
     over runs that differ only in their random draws; the bound leaves room for that.)
     Its CLS term ends at ln(K), as the official code's does on these digits
     (docs/demo.md)."""
-    cfg, trainer, _ = train_demo(tmp_path)
+    cfg, trainer, cls = train_demo(tmp_path)
     device = torch.device("cpu")
     random_acc = knn_eval_backbone(cfg, random_init_backbone(cfg), device)
     acc = knn_eval_backbone(cfg, trainer.teacher.backbone, device)
     with capsys.disabled():
         print(f"\n  demo k-NN, random init {random_acc} -> teacher {acc}")
     assert acc[20] >= random_acc[20] + 10 and acc[100] >= random_acc[100] + 10, (random_acc, acc)
+    last = cls[-len(cls) // 4:]
+    assert sum(last) / len(last) > math.log(cfg.model.out_dim) - 0.5, cls
     # the pictures `make demo` writes beside the run
     curves, attention, digit = demo_pictures(cfg, tmp_path)
     assert Image.open(curves).format == "PNG"
@@ -89,22 +91,16 @@ def test_demo_beats_random_init(tmp_path, capsys, twins):
 
 
 @pytest.mark.slow
-def test_colour_jitter_decides_whether_the_demos_cls_term_goes_uniform(tmp_path):
-    """docs/demo.md's account of the CLS term, at 12 epochs with a sharper teacher
-    (bottleneck 32, tt 0.02; ~3 min): with colour jitter and solarisation off the CLS
-    term stays well below ln(K) over the last quarter of the run; with them on, the same
-    recipe's CLS term ends near ln(K)."""
-    recipe = ["train.epochs=12", "model.head_bottleneck_dim=32", "loss.teacher_temp=0.02",
-              "loss.warmup_teacher_temp=0.02"]
-    ends = {}
-    for jitter in (0.0, 0.8):
-        cfg, _, cls = train_demo(tmp_path / f"jitter{jitter}", *recipe,
-                                 f"data.color_jitter_p={jitter}",
-                                 f"data.solarize_p={0.2 if jitter else 0.0}")
-        last = cls[-len(cls) // 4:]
-        ends[jitter] = sum(last) / len(last)
-    log_k = math.log(cfg.model.out_dim)
-    assert ends[0.0] < log_k - 1.0 and ends[0.8] > log_k - 0.5, (log_k, ends)
+def test_without_colour_jitter_the_demos_cls_term_stays_below_uniform(tmp_path, twins):
+    """docs/demo.md's account of the CLS term (run J1, ~3.5 min): with colour jitter and
+    solarisation off and a sharper teacher (bottleneck 32, tt 0.02; 30 epochs) the CLS
+    term stays well below ln(K) over the last quarter of the run, where with them on
+    (the demo, above) it ends at ln(K)."""
+    cfg, _, cls = train_demo(tmp_path, "train.epochs=30", "model.head_bottleneck_dim=32",
+                             "loss.teacher_temp=0.02", "loss.warmup_teacher_temp=0.02",
+                             "data.color_jitter_p=0", "data.solarize_p=0")
+    last = cls[-len(cls) // 4:]
+    assert sum(last) / len(last) < math.log(cfg.model.out_dim) - 1.0, cls
 
 
 def test_demo_command_end_to_end_short(tmp_path, capsys):
