@@ -127,9 +127,13 @@ def test_wandb_offline(tmp_path, monkeypatch):
     run_id = (out / "wandb_run_id").read_text().strip()
     runs = list((out / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    # W&B names a run's folder by its start time to the second and its id, so a resume
+    # within the same second would reuse the folder: the first one is moved aside
+    runs[0].rename(out / "wandb" / "first")
     MetricSinks(out, cfg, start_iter=5).close()  # a resumed run: the same id
     assert (out / "wandb_run_id").read_text().strip() == run_id
-    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    again = list((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(again) == 1 and list(again[0].glob("*.wandb"))
 
 
 @pytest.mark.parametrize("setting,module", [("train.wandb=proj", "wandb"),
