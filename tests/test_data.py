@@ -106,7 +106,7 @@ def test_jitter_and_solarize_probabilities_change_only_what_is_applied():
     assert 0 < solarized < 200
     cfg = build_config("demo", ["data.color_jitter_p=0.3", "data.solarize_p=0.1"])
     aug = build_augmentation(cfg)
-    assert aug.color_jitter_p == 0.3 and aug.GLOBAL2 == (0.1, 0.1)
+    assert aug.color_jitter_p == 0.3 and aug.global2_p == (0.1, 0.1)
 
 
 def test_random_resized_crop_area():

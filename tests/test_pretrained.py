@@ -15,8 +15,8 @@ from ibot_fast.train import Trainer
 
 def tiny(tmp_path, *extra, impl="fast"):
     return build_config("demo", [
-        "model.patch_size=4", "data.source=synthetic", "data.synthetic_size=16", "data.num_workers=0",
-        "data.n_local=2", "train.batch_size=8", "model.out_dim=128", "model.patch_out_dim=128",
+        "model.patch_size=4", "data.source=synthetic", "data.synthetic_size=16",
+        "data.num_workers=0", "data.n_local=2", "train.batch_size=8", "model.out_dim=128", "model.patch_out_dim=128",
         "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", f"train.impl={impl}",
         f"train.output_dir={tmp_path}", *extra])
 

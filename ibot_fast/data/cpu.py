@@ -5,8 +5,9 @@ Every crop: RandomResizedCrop (bicubic), horizontal flip p=0.5, colour jitter
 (`data.color_jitter_p`), grayscale p=0.2; Gaussian blur with sigma ~ U(0.1, 2.0) pixels
 (`data.blur_sigma`: the paper's range is for 224 px crops) with p = 1.0 (global crop 1),
 0.1 (global crop 2), 0.5 (each local crop); solarisation (threshold 128) p=0.2
-(`data.solarize_p`) on global crop 2 only; ImageNet normalisation. Written with PIL and numpy (torchvision is not
-needed); the operations and their parameter draws follow torchvision's.
+(`data.solarize_p`) on global crop 2 only; ImageNet normalisation. Written with PIL and
+numpy (torchvision is not needed); the operations and their parameter draws follow
+torchvision's.
 
 Randomness is per sample: the augmentation and mask of image i in epoch e come from a
 generator seeded by (seed, e, i). Results therefore do not depend on the number of
@@ -117,7 +118,8 @@ class MultiCropAugmentation:
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.blur_sigma, self.color_jitter_p = tuple(blur_sigma), color_jitter_p
         # (blur probability, solarize probability) per crop kind
-        self.GLOBAL1, self.GLOBAL2, self.LOCAL = (1.0, 0.0), (0.1, solarize_p), (0.5, 0.0)
+        self.global1_p, self.global2_p = (1.0, 0.0), (0.1, solarize_p)
+        self.local_p = (0.5, 0.0)
 
     def crop(self, img, size, scale, blur_p, solarize_p, rng):
         out, area = random_resized_crop(img, size, scale, rng)
@@ -139,11 +141,11 @@ class MultiCropAugmentation:
         return to_tensor(out), rec
 
     def __call__(self, img, rng: random.Random):
-        g1, r1 = self.crop(img, self.global_size, self.global_scale, *self.GLOBAL1, rng)
-        g2, r2 = self.crop(img, self.global_size, self.global_scale, *self.GLOBAL2, rng)
+        g1, r1 = self.crop(img, self.global_size, self.global_scale, *self.global1_p, rng)
+        g2, r2 = self.crop(img, self.global_size, self.global_scale, *self.global2_p, rng)
         locals_, records = [], [r1, r2]
         for _ in range(self.n_local):
-            x, r = self.crop(img, self.local_size, self.local_scale, *self.LOCAL, rng)
+            x, r = self.crop(img, self.local_size, self.local_scale, *self.local_p, rng)
             locals_.append(x)
             records.append(r)
         local = torch.stack(locals_) if locals_ else \

@@ -190,7 +190,7 @@ def plan_crop(width, height, size, scale, blur_p, solarize_p, rng, blur_sigma=(0
 def crop_specs(aug):
     """(size, scale, blur p, solarize p) per crop, from a `cpu.MultiCropAugmentation`."""
     g, loc = (aug.global_size, aug.global_scale), (aug.local_size, aug.local_scale)
-    return [(*g, *aug.GLOBAL1), (*g, *aug.GLOBAL2)] + [(*loc, *aug.LOCAL)] * aug.n_local
+    return [(*g, *aug.global1_p), (*g, *aug.global2_p)] + [(*loc, *aug.local_p)] * aug.n_local
 
 
 def plan_sample(width, height, specs, rng, blur_sigma=(0.1, 2.0),
