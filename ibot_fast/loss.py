@@ -20,8 +20,9 @@ over the batch.
 
 `centering="sinkhorn"` replaces centering + sharpening of the teacher by DINOv2's
 Sinkhorn-Knopp normalisation (3 iterations over the global batch: every prototype gets
-the same total mass). It is an option, not iBOT's semantics; it resists the uniform
-collapse that small batches and small datasets provoke (see the demo preset).
+the same total mass). It is an option, not iBOT's semantics. It cannot make targets out
+of teacher outputs that do not differ between images: on the demo's digits its CLS
+targets go uniform as iBOT's do (docs/demo.md).
 """
 import numpy as np
 import torch
@@ -133,6 +134,7 @@ class IBOTLoss(nn.Module):
             warmup_teacher_patch_temp, teacher_patch_temp, warmup_teacher_temp_epochs, n_epochs,
             delay_epochs=mim_start_epoch)
         self._pending = None  # an all-reduce of center statistics still in flight
+        self._cls_target = None  # the last step's (t, c, temp): `cls_target_entropies`
 
     def teacher_temp(self, epoch) -> float:
         return _at(self.teacher_temps, epoch)
@@ -150,6 +152,24 @@ class IBOTLoss(nn.Module):
             return teacher.detach(), center, temp
         p = sinkhorn_knopp(teacher, temp, valid=valid)
         return p.clamp_min(1e-30).log(), torch.zeros_like(center), 1.0
+
+    @torch.no_grad()
+    def cls_target_entropies(self) -> dict:
+        """Collapse diagnostics of the last step's teacher CLS targets (this process's 2B
+        rows), in nats: `cls_target_entropy`, the mean entropy of one image's target, and
+        `cls_target_batch_entropy`, the entropy of the batch's mean target. Both at ln(K):
+        every target is uniform (centring won); both near 0: one prototype takes every
+        image (sharpening won); a run that learns keeps the first below ln(K) and the
+        second well above the first. The DINO paper's collapse study reads the target
+        entropy so."""
+        if self._cls_target is None:
+            return {}
+        t, c, temp = self._cls_target
+        logp = F.log_softmax((_fp32(t) - c) / temp, dim=-1)
+        p = logp.exp()
+        mean = p.mean(0)
+        return {"cls_target_entropy": float(-(p * logp).sum(-1).mean()),
+                "cls_target_batch_entropy": float(-(mean * mean.clamp_min(1e-30).log()).sum())}
 
     def _update_centers(self, teacher_cls, patch_sum, n_patch_rows):
         if self.centering == "center":  # Sinkhorn-Knopp uses no centers
@@ -216,6 +236,7 @@ class IBOTLoss(nn.Module):
         """Official eager formula: mean over the (2 x (n_crops - 1)) CLS terms."""
         s = (_fp32(student_cls) / self.student_temp).chunk(self.n_crops)
         t, c, temp = self.teacher_args(teacher_cls, self.center, tt)
+        self._cls_target = (t, c, temp)
         t = F.softmax((_fp32(t) - c) / temp, dim=-1).detach().chunk(N_GLOBAL)
         total, n_terms = 0.0, 0
         for q in range(N_GLOBAL):
@@ -252,6 +273,7 @@ class IBOTLoss(nn.Module):
         # s_rows is a fresh buffer read by nothing else: the kernel may write the gradient
         # into it during the forward (no separate gradient buffer, teacher rows freed)
         t, c, temp = self.teacher_args(teacher_cls, self.center, tt)
+        self._cls_target = (t, c, temp)
         t_rows = torch.cat([t[q * B:(q + 1) * B] for q, _ in pairs])
         rows = centered_softmax_ce(s_rows, t_rows, c, self.student_temp, temp, inplace_grad=True)
         return rows.sum() / (B * len(pairs))

@@ -180,6 +180,8 @@ def curve_panels(records: list) -> list:
     knn_keys = sorted({k for r in records for k in r if k.startswith("knn_top1_k")},
                       key=lambda k: int(k.rsplit("k", 1)[1]))
     wanted = [("loss", [("loss", "loss"), ("cls", "CLS term"), ("patch", "patch (MIM) term")]),
+              ("teacher CLS target entropy (nats)",
+               [("cls_target_entropy", "per image"), ("cls_target_batch_entropy", "batch mean")]),
               ("learning rate", [("lr", "lr")]),
               ("teacher temperature", [("teacher_temp", "CLS"),
                                        ("teacher_patch_temp", "patch")]),

@@ -421,6 +421,7 @@ class Trainer:
         record = {
             "iter": self.iteration, "epoch": self.epoch,
             **{k: float(v.detach()) for k, v in losses.items()},
+            **self.loss.cls_target_entropies(),
             **hp,
             "teacher_temp": self.loss.teacher_temp(self.epoch),
             "teacher_patch_temp": self.loss.teacher_patch_temp(self.epoch),

@@ -67,6 +67,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# The tests use the `demo` preset as their small model. Its recipe has no local crops (on
+# the 32 px digits a local crop is a stroke, docs/demo.md), but the code paths of local
+# crops (packing, the student's second pass, the loss's local terms, resume of the data
+# order) must stay covered: in-process tests see the preset with 4 local crops (the tests
+# that start processes name their own `data.n_local`). Tests of the recipe as shipped
+# carry the `shipped_demo` marker.
+
+
+@pytest.fixture(autouse=True)
+def demo_with_local_crops(request, monkeypatch):
+    if "shipped_demo" not in request.keywords:
+        from ibot_fast.config import PRESETS
+
+        monkeypatch.setitem(PRESETS["demo"], "data.n_local", 4)
+
+
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")

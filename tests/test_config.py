@@ -153,6 +153,7 @@ def test_every_key_has_a_comment():
     assert comments["train.tensorboard"].startswith("also write the log to TensorBoard")
 
 
+@pytest.mark.shipped_demo
 def test_precedence_defaults_preset_file_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("# a subset of the keys\n"
@@ -164,7 +165,7 @@ def test_precedence_defaults_preset_file_overrides(tmp_path):
     assert cfg.train.epochs == 2  # command line > file
     assert cfg.train.batch_size == 16 and cfg.optim.lr == 1e-4  # file > preset (32, 2e-3)
     assert cfg.optim.betas == (0.8, 0.9) and cfg.eval.knn_k == (5,)
-    assert cfg.data.n_local == 4  # preset > default (10)
+    assert cfg.data.n_local == 0  # preset > default (10)
     assert cfg.optim.weight_decay == 0.04  # default
     assert build_config(config_file=path).data.n_local == 10  # no preset: the default
 

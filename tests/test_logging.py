@@ -51,7 +51,8 @@ def test_tensorboard_curves_go_on_across_a_resume(tmp_path):
     assert [s for s, _ in tags["loss/loss"]] == [1, 2, 3]
     for tag in ("loss/cls", "loss/patch", "schedule/lr", "schedule/wd", "schedule/momentum",
                 "schedule/teacher_temp", "schedule/teacher_patch_temp", "train/grad_norm",
-                "train/img_per_s", "train/nonfinite_total"):
+                "train/img_per_s", "train/nonfinite_total", "train/cls_target_entropy",
+                "train/cls_target_batch_entropy"):
         assert len(tags[tag]) == 3, tag
 
     # the same run, from its epoch-1 checkpoint (iteration 2), with another lr

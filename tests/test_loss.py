@@ -178,6 +178,43 @@ def test_fast_impl_equals_reference(n_local):
     torch.testing.assert_close(fast.center2, ref.center2)
 
 
+def entropies_after(loss, teacher_cls, epoch=7):
+    """cls_target_entropies after one forward with these teacher CLS logits [2B, K]."""
+    s_cls, s_patch, _, t_patch, masks = make_inputs(0)
+    loss(s_cls, s_patch, teacher_cls, t_patch, masks, epoch)
+    return loss.cls_target_entropies()
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_cls_target_entropies_tell_the_two_collapses_from_learning(impl):
+    """Equal logits (the uniform collapse): both entropies ln K; every image on one
+    prototype (the other collapse): both 0; each image on its own prototype: 0 per image
+    and ln(2B) for the batch; random logits: the entropy of the centred, sharpened softmax
+    the loss uses, against a direct computation."""
+    assert make_loss(0, impl=impl).cls_target_entropies() == {}  # no step yet
+    lnK = np.log(K)
+    e = entropies_after(make_loss(0, impl=impl), torch.zeros(2 * B, K, dtype=torch.float64))
+    assert e["cls_target_entropy"] == pytest.approx(lnK)
+    assert e["cls_target_batch_entropy"] == pytest.approx(lnK)
+    one = torch.zeros(2 * B, K, dtype=torch.float64)
+    one[:, 3] = 5.0  # 5 / 0.07 apart: the others get exp(-71) each
+    e = entropies_after(make_loss(0, impl=impl), one)
+    assert e["cls_target_entropy"] < 1e-20 and e["cls_target_batch_entropy"] < 1e-20
+    own = 5.0 * torch.eye(2 * B, K, dtype=torch.float64)
+    e = entropies_after(make_loss(0, impl=impl), own)
+    assert e["cls_target_entropy"] < 1e-20
+    assert e["cls_target_batch_entropy"] == pytest.approx(np.log(2 * B))
+    loss = make_loss(0, impl=impl)
+    t = make_inputs(0, seed=3)[2]
+    loss.center = torch.randn(K, dtype=torch.float64)
+    c = loss.center.clone()
+    e = entropies_after(loss, t, epoch=2)
+    p = torch.softmax((t - c) / loss.teacher_temp(2), dim=-1)  # the center before the step
+    assert e["cls_target_entropy"] == pytest.approx(float(-(p * p.log()).sum(-1).mean()))
+    m = p.mean(0)
+    assert e["cls_target_batch_entropy"] == pytest.approx(float(-(m * m.log()).sum()))
+
+
 # -- Sinkhorn-Knopp centering (DINOv2 option) ---------------------------------------------
 
 def test_sinkhorn_knopp_balances_prototypes_over_valid_rows():

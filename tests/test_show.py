@@ -89,15 +89,20 @@ def test_show_attention_png(run_dir, tmp_path):
 def test_show_curves_png_from_a_real_log(run_dir, tmp_path):
     records = read_log(run_dir)
     panels = dict(curve_panels(records))
-    assert list(panels) == ["loss", "learning rate", "teacher temperature", "k-NN top-1 (%)"]
+    entropy = "teacher CLS target entropy (nats)"
+    assert list(panels) == ["loss", entropy, "learning rate", "teacher temperature",
+                            "k-NN top-1 (%)"]
     assert set(panels["loss"]) == {"loss", "CLS term", "patch (MIM) term"}
+    assert set(panels[entropy]) == {"per image", "batch mean"}
+    for _, values in panels[entropy].values():  # of distributions over K = 128 prototypes
+        assert len(values) == 3 and all(0 <= v <= np.log(128) + 1e-5 for v in values)
     assert panels["loss"]["loss"][0] == (1, 2, 3)  # log_every=1, 3 iterations
     assert set(panels["k-NN top-1 (%)"]) == {"k=5", "k=10"}
 
     out = tmp_path / "curves.png"
     assert cmd_show(["curves", "--run", str(run_dir), "--out", str(out)]) == 0
     size, pixels = png_size(out)
-    assert size == (1600, 320)  # 4 panels of 4 x 3.2 inches at 100 dpi
+    assert size == (2000, 320)  # 5 panels of 4 x 3.2 inches at 100 dpi
     assert pixels.std() > 10
 
 
