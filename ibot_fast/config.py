@@ -200,7 +200,7 @@ DINOV2_STYLE = {
 }
 
 PRESETS = {
-    # CPU, embedded digits (32 px renders of sklearn's 8x8 digits), ~4.5 min on 2 cores.
+    # CPU, embedded digits (32 px renders of sklearn's 8x8 digits), ~4 min on 2 cores.
     # 8 px patches (a 4x4 grid) and no local crops (a 16 px local crop of a digit is a
     # stroke, not a digit) make an epoch ~5 s, so 48 epochs fit, and the k-NN gain grows
     # with epochs. The CLS term goes uniform here, as in the official code; the patch term

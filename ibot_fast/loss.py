@@ -160,8 +160,9 @@ class IBOTLoss(nn.Module):
         `cls_target_batch_entropy`, the entropy of the batch's mean target. Both at ln(K):
         every target is uniform (centring won); both near 0: one prototype takes every
         image (sharpening won); a run that learns keeps the first below ln(K) and the
-        second well above the first. The DINO paper's collapse study reads the target
-        entropy so."""
+        second well above the first (needed, not enough). The DINO paper's collapse
+        study reads the target entropy so. Under Sinkhorn-Knopp they are its targets'
+        entropies, the batch mean near uniform by construction."""
         if self._cls_target is None:
             return {}
         t, c, temp = self._cls_target

@@ -24,6 +24,7 @@ def read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.shipped_demo
 def test_bench_train_rows_of_a_preset(results, twins):
     """--smoke --preset demo: the reference rows, the preset as a user gets it (eager on
     the CPU), the DINOv2-style row and a variant, each against the run's first row, with

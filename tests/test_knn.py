@@ -74,10 +74,10 @@ def last_quarter(records, key):
 @pytest.mark.slow
 @pytest.mark.shipped_demo
 def test_demo_beats_random_init(tmp_path, capsys, twins):
-    """The whole demo recipe (~4.5 min on 2 cores): the teacher's k-NN on the 360
+    """The whole demo recipe (~4 min on 2 cores): the teacher's k-NN on the 360
     held-out digits is well above that of a random network of the same architecture.
-    (Measured on 2 cores: GAINS; the bound leaves room for runs that differ only in
-    their random draws.) Its CLS term ends at ln(K), with uniform teacher targets, as
+    (Measured on 2 cores: +16.4 / +19.7 points at k = 20 / 100, and +18.9 / +18.0 with
+    seed 1; the bound leaves room for runs that differ only in their random draws.) Its CLS term ends at ln(K), with uniform teacher targets, as
     the official code's does on these digits (docs/demo.md)."""
     cfg, trainer, logged = train_demo(tmp_path)
     device = torch.device("cpu")
@@ -98,12 +98,11 @@ def test_demo_beats_random_init(tmp_path, capsys, twins):
 
 
 @pytest.mark.slow
-@pytest.mark.shipped_demo
 def test_without_colour_jitter_the_demos_cls_term_stays_below_uniform(tmp_path, twins):
     """docs/demo.md's account of the CLS term (run J1, ~3.5 min): with colour jitter and
-    solarisation off and a sharper teacher (bottleneck 32, tt 0.02; 30 epochs) the CLS
-    term stays well below ln(K) over the last quarter of the run, where with them on
-    (the demo, above) it ends at ln(K)."""
+    solarisation off and a sharper teacher (4 local crops, bottleneck 32, tt 0.02; 30
+    epochs) the CLS term stays well below ln(K) over the last quarter of the run, where
+    with them on (run H2) it ends at ln(K)."""
     cfg, _, logged = train_demo(tmp_path, "data.n_local=4", "train.epochs=30",
                                 "model.head_bottleneck_dim=32", "loss.teacher_temp=0.02",
                                 "loss.warmup_teacher_temp=0.02", "data.color_jitter_p=0",
@@ -111,6 +110,7 @@ def test_without_colour_jitter_the_demos_cls_term_stays_below_uniform(tmp_path, 
     assert last_quarter(logged, "cls") < math.log(cfg.model.out_dim) - 1.0, logged
 
 
+@pytest.mark.shipped_demo
 def test_demo_command_end_to_end_short(tmp_path, capsys):
     """`ibot-fast demo` (what `make demo` runs), cut to two steps: it trains, scores the
     random and the trained teacher with k-NN, and prints both with the output paths."""
@@ -126,6 +126,7 @@ def test_demo_command_end_to_end_short(tmp_path, capsys):
     assert all(Path(p).is_file() for p in pictures.split()[1:])
 
 
+@pytest.mark.shipped_demo
 def test_a_signalled_demo_saves_and_says_how_to_go_on(tmp_path, capsys, monkeypatch):
     """SIGTERM during `ibot-fast demo`: the checkpoint is saved and the command says how
     to resume, instead of scoring a half-trained teacher as the demo's result."""

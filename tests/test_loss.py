@@ -215,6 +215,20 @@ def test_cls_target_entropies_tell_the_two_collapses_from_learning(impl):
     assert e["cls_target_batch_entropy"] == pytest.approx(float(-(m * m.log()).sum()))
 
 
+def test_cls_target_entropies_under_sinkhorn_are_those_of_its_targets():
+    """With centering="sinkhorn" the entropies are those of the Sinkhorn-Knopp targets,
+    whose batch mean is near uniform by construction (every prototype gets equal mass)."""
+    from ibot_fast.loss import sinkhorn_knopp
+
+    t = make_inputs(0, seed=3)[2]
+    e = entropies_after(make_loss(0, centering="sinkhorn"), t, epoch=2)
+    p = sinkhorn_knopp(t, make_loss(0).teacher_temp(2))
+    assert e["cls_target_entropy"] == pytest.approx(float(-(p * p.log()).sum(-1).mean()))
+    m = p.mean(0)
+    assert e["cls_target_batch_entropy"] == pytest.approx(float(-(m * m.log()).sum()))
+    assert e["cls_target_batch_entropy"] > 0.9 * np.log(K) > e["cls_target_entropy"]
+
+
 # -- Sinkhorn-Knopp centering (DINOv2 option) ---------------------------------------------
 
 def test_sinkhorn_knopp_balances_prototypes_over_valid_rows():
