@@ -77,15 +77,16 @@ def test_demo_beats_random_init(tmp_path, capsys, twins):
     """The whole demo recipe (~4 min on 2 cores): the teacher's k-NN on the 360
     held-out digits is well above that of a random network of the same architecture.
     (Measured on 2 cores: +16.4 / +19.7 points at k = 20 / 100, and +18.9 / +18.0 with
-    seed 1; the bound leaves room for runs that differ only in their random draws.) Its CLS term ends at ln(K), with uniform teacher targets, as
-    the official code's does on these digits (docs/demo.md)."""
+    seed 1; the bound leaves room for runs that differ only in their random draws.)
+    Its CLS term ends at ln(K), with uniform teacher targets, as the official code's
+    does on these digits (docs/demo.md)."""
     cfg, trainer, logged = train_demo(tmp_path)
     device = torch.device("cpu")
     random_acc = knn_eval_backbone(cfg, random_init_backbone(cfg), device)
     acc = knn_eval_backbone(cfg, trainer.teacher.backbone, device)
     with capsys.disabled():
         print(f"\n  demo k-NN, random init {random_acc} -> teacher {acc}")
-    assert acc[20] >= random_acc[20] + 10 and acc[100] >= random_acc[100] + 10, (random_acc, acc)
+    assert acc[20] >= random_acc[20] + 12 and acc[100] >= random_acc[100] + 12, (random_acc, acc)
     lnK = math.log(cfg.model.out_dim)
     assert last_quarter(logged, "cls") > lnK - 0.5, logged
     assert last_quarter(logged, "cls_target_entropy") > lnK - 0.1, logged
