@@ -52,7 +52,7 @@ def test_knn_classify_equals_the_loop(chunk, block):
 
 def train_demo(tmp_path, *overrides):
     """The demo recipe with overrides, trained as `make demo` trains it on a CPU (the
-    kernels' torch twins, both cores): (config, trainer, CLS term per logged step)."""
+    kernels' torch twins, both cores): (config, trainer, the log's step records)."""
     cfg = build_config("demo", [f"train.output_dir={tmp_path}", "train.log_every=5",
                                 *overrides])
     trainer = Trainer(cfg)
@@ -109,6 +109,25 @@ def test_without_colour_jitter_the_demos_cls_term_stays_below_uniform(tmp_path, 
                                 "loss.warmup_teacher_temp=0.02", "data.color_jitter_p=0",
                                 "data.solarize_p=0")
     assert last_quarter(logged, "cls") < math.log(cfg.model.out_dim) - 1.0, logged
+
+
+@pytest.mark.shipped_demo
+def test_the_logged_target_entropies_tell_the_two_collapses_apart(tmp_path, twins):
+    """Two epochs of the demo recipe (~15 s each): as shipped, its teacher's CLS targets
+    go uniform (both entropies near ln K); with a slow centre (momentum 0.99) and a sharp
+    teacher (tt 0.01, ts 0.05) a few prototypes take every image (both entropies low;
+    docs/demo.md, runs U1 and U2). The log's `cls_target_*` say which."""
+    cfg, _, uniform = train_demo(tmp_path / "uniform", "train.epochs=2", "train.log_every=4",
+                                 "data.num_workers=0")
+    lnK = math.log(cfg.model.out_dim)
+    assert last_quarter(uniform, "cls_target_entropy") > lnK - 0.5, uniform
+    assert last_quarter(uniform, "cls_target_batch_entropy") > lnK - 0.5, uniform
+    _, _, dominated = train_demo(tmp_path / "dominated", "train.epochs=2", "train.log_every=4",
+                                 "data.num_workers=0", "loss.center_momentum=0.99",
+                                 "loss.teacher_temp=0.01", "loss.warmup_teacher_temp=0.01",
+                                 "loss.student_temp=0.05")
+    assert last_quarter(dominated, "cls_target_entropy") < 2.0, dominated
+    assert last_quarter(dominated, "cls_target_batch_entropy") < 2.0, dominated
 
 
 @pytest.mark.shipped_demo
