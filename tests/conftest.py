@@ -67,17 +67,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# The tests use the `demo` preset as their small model. Its recipe has no local crops (on
-# the 32 px digits a local crop is a stroke, docs/demo.md), but the code paths of local
-# crops (packing, the student's second pass, the loss's local terms, resume of the data
-# order) must stay covered: in-process tests see the preset with 4 local crops (tests
-# that start processes, and module-scoped fixtures, which run before this one, name
-# their own `data.n_local`). Tests of the recipe as shipped
-# carry the `shipped_demo` marker.
-
-
 @pytest.fixture(autouse=True)
 def demo_with_local_crops(request, monkeypatch):
+    """The tests use the `demo` preset as their small model. Its recipe has no local crops
+    (on the 32 px digits a local crop is a stroke, docs/demo.md), but the code paths of
+    local crops (packing, the student's second pass, the loss's local terms, resume of the
+    data order) must stay covered: in-process tests see the preset with 4 local crops.
+    Tests that start processes, and module-scoped fixtures (set up before this one), name
+    their own `data.n_local`; tests of the recipe as shipped carry `shipped_demo`."""
     if request.node.get_closest_marker("shipped_demo") is None:
         from ibot_fast.config import PRESETS
 
